@@ -1,0 +1,3 @@
+from dstack.cli.main import main
+
+main()

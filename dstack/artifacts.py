@@ -1,0 +1,328 @@
+"""Artifacts: saving a job's declared output paths into the object store, and restoring them safely."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from dstack.errors import ArtifactError, NotFoundError, StorageError
+from dstack.hashing import digest_bytes, digest_file
+from dstack.store.digests import DigestCache
+from dstack.store.objects import S_IFLNK, Manifest, ManifestEntry, ObjectStore, check_digest, safe_relpath
+
+_WORKERS = 8
+
+
+@dataclass
+class Progress:
+    """How far a save or restore is: reported after each file."""
+
+    path: str
+    done_files: int
+    total_files: int
+    done_bytes: int
+    total_bytes: int
+
+
+OnProgress = Callable[[Progress], None]
+
+
+@dataclass
+class SaveResult:
+    """What `save_artifacts` stored: the manifest, declared paths that didn't exist, new objects and bytes."""
+
+    manifest: Manifest
+    missing: list[str] = field(default_factory=list)
+    new_objects: int = 0
+    new_bytes: int = 0
+
+
+@dataclass
+class SourceFile:
+    """A file found on disk, to be stored under `entry_path`."""
+
+    entry_path: str
+    source: Path
+    st: os.stat_result
+    link_target: bytes | None = None  # a symlink, kept as one
+
+
+def _entry_base(declared: str) -> str:
+    """The manifest path of a declared artifact path: as declared, relative; absolute ones lose their '/'."""
+    norm = os.path.normpath(declared).replace(os.sep, "/")
+    if norm.startswith("/"):
+        norm = norm.lstrip("/") or "."
+    if norm == ".." or norm.startswith("../"):
+        raise ArtifactError(
+            f"artifact path {declared!r} is outside the working directory",
+            hint="declare it as an absolute path",
+        )
+    return "" if norm == "." else norm
+
+
+def _join(base: str, rel: str) -> str:
+    return rel if not base else (base if rel in ("", ".") else f"{base}/{rel}")
+
+
+def _collect(root: Path, base: str, found: dict[str, SourceFile]) -> None:
+    """Every regular file and symlink under `root` (a file or a directory), keyed by its manifest path."""
+    st = os.stat(root)  # the declared path itself is followed if it is a symlink
+    if stat.S_ISREG(st.st_mode):
+        if not base:
+            raise ArtifactError(f"can't save {root} as an artifact without a name")
+        found[base] = SourceFile(base, root, st)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+
+    def walk_error(e: OSError) -> None:
+        raise ArtifactError(f"can't read {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        for name in [*filenames, *dirnames]:
+            path = Path(dirpath) / name
+            lst = path.lstat()
+            entry_path = _join(base, name if rel_dir == "." else f"{rel_dir}/{name}")
+            if stat.S_ISLNK(lst.st_mode):
+                found[entry_path] = SourceFile(entry_path, path, lst, os.fsencode(os.readlink(path)))
+            elif stat.S_ISREG(lst.st_mode):
+                found[entry_path] = SourceFile(entry_path, path, lst)
+        dirnames.sort()
+
+
+def store_files(
+    files: Iterable[SourceFile],
+    store: ObjectStore,
+    cache: DigestCache | None,
+    on_progress: OnProgress | None = None,
+) -> SaveResult:
+    """Digest the files (in parallel), store each distinct content once, and return their manifest."""
+    files = sorted(files, key=lambda f: f.entry_path)
+    regular = [f for f in files if f.link_target is None]
+    if cache is not None:
+        digests = cache.digest_many([f.source for f in regular], [f.st for f in regular])
+    else:
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            digests = list(pool.map(lambda f: digest_file(f.source), regular))
+    by_path = {f.entry_path: d for f, d in zip(regular, digests, strict=True)}
+    entries: list[ManifestEntry] = []
+    unique: dict[str, SourceFile] = {}
+    for f in files:
+        if f.link_target is not None:
+            digest = digest_bytes(f.link_target)
+            entries.append(
+                ManifestEntry(path=f.entry_path, size=len(f.link_target), mode=S_IFLNK, digest=digest)
+            )
+        else:
+            digest = by_path[f.entry_path]
+            mode = stat.S_IFMT(f.st.st_mode) | stat.S_IMODE(f.st.st_mode)
+            entries.append(ManifestEntry(path=f.entry_path, size=f.st.st_size, mode=mode, digest=digest))
+        unique.setdefault(digest, f)
+
+    todo = {d: f for d, f in unique.items() if cache is None or not cache.is_stored(store.url, d)}
+    result = SaveResult(manifest=Manifest(entries=entries))
+    total_bytes = sum(
+        len(f.link_target) if f.link_target is not None else f.st.st_size for f in todo.values()
+    )
+    done_bytes = 0
+
+    def put(digest: str, f: SourceFile) -> bool:
+        if f.link_target is not None:
+            return store.put_bytes(f.link_target, digest)
+        return store.put_file(f.source, digest)
+
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        futures = {pool.submit(put, d, f): (d, f) for d, f in todo.items()}
+        for n, future in enumerate(as_completed(futures), 1):
+            digest, f = futures[future]
+            size = len(f.link_target) if f.link_target is not None else f.st.st_size
+            if future.result():
+                result.new_objects += 1
+                result.new_bytes += size
+            if cache is not None:
+                cache.mark_stored(store.url, digest)
+            done_bytes += size
+            if on_progress is not None:
+                on_progress(Progress(f.entry_path, n, len(todo), done_bytes, total_bytes))
+    if cache is not None:
+        cache.flush()
+    return result
+
+
+def save_artifacts(
+    workdir: Path,
+    paths: list[str],
+    store: ObjectStore,
+    cache: DigestCache | None = None,
+    on_progress: OnProgress | None = None,
+) -> SaveResult:
+    """Store the declared paths (files or dirs, relative to `workdir` or absolute); return their manifest.
+
+    Manifest paths are the paths as declared (absolute ones without their leading '/'); a declared
+    path that doesn't exist is listed in `missing`; symlinks inside directories are kept as symlinks.
+    """
+    found: dict[str, SourceFile] = {}
+    missing: list[str] = []
+    for declared in paths:
+        base = _entry_base(declared)
+        source = Path(declared) if os.path.isabs(declared) else workdir / declared
+        if not source.exists():
+            missing.append(declared)
+            continue
+        try:
+            _collect(source, base, found)
+        except OSError as e:
+            raise ArtifactError(f"can't read artifact {declared!r}: {e.strerror or e}") from e
+    result = store_files(found.values(), store, cache, on_progress)
+    result.missing = missing
+    return result
+
+
+def manifest_from_path(src: Path, store: ObjectStore) -> Manifest:
+    """Store a file or directory as an artifact of its own (`dstack tags add NAME --from PATH`)."""
+    if not src.exists():
+        raise NotFoundError(f"{src} does not exist")
+    found: dict[str, SourceFile] = {}
+    if src.is_dir():
+        _collect(src, "", found)
+    else:
+        _collect(src, src.name, found)
+    return store_files(found.values(), store, None).manifest
+
+
+def select_entries(manifest: Manifest, subpath: str | None) -> list[ManifestEntry]:
+    """The entries at or under `subpath` (all of them if None); NotFoundError if none."""
+    if subpath is None or subpath.strip("/") in ("", "."):
+        return list(manifest.entries)
+    prefix = str(PurePosixPath(os.path.normpath(subpath).replace(os.sep, "/").strip("/")))
+    chosen = [e for e in manifest.entries if e.path == prefix or e.path.startswith(prefix + "/")]
+    if not chosen:
+        raise NotFoundError(f"no artifact file at {subpath!r}")
+    return chosen
+
+
+def restore_artifacts(
+    manifest: Manifest,
+    store: ObjectStore,
+    target: Path,
+    subpath: str | None = None,
+    on_progress: OnProgress | None = None,
+) -> list[Path]:
+    """Write the manifest's files (or those under `subpath`) into `target`, byte for byte with their modes.
+
+    Digests are checked; files already there with the right content are skipped (so an interrupted
+    restore resumes); a path that would escape `target` is an ArtifactError naming it.
+    """
+    return materialize(select_entries(manifest, subpath), store, target, on_progress)
+
+
+def _check_entries(entries: list[ManifestEntry]) -> list[PurePosixPath]:
+    rels = [safe_relpath(e.path) for e in entries]
+    links = {rel for rel, e in zip(rels, entries, strict=True) if e.is_symlink}
+    for rel, e in zip(rels, entries, strict=True):
+        check_digest(e.digest)
+        kind = e.mode & 0o170000
+        if kind not in (0o100000, S_IFLNK, 0):
+            raise ArtifactError(f"artifact path {e.path!r} has an unsupported mode {oct(e.mode)}")
+        if any(parent in links for parent in rel.parents):
+            raise ArtifactError(f"artifact path {e.path!r} would be written through a symlink")
+    return rels
+
+
+def _ensure_dir(target: Path, rel: PurePosixPath, made: set[PurePosixPath], name: str) -> None:
+    """Create the parents of `rel` under `target`, refusing to go through a symlink or a file."""
+    for parent in reversed(rel.parents):
+        if parent == PurePosixPath(".") or parent in made:
+            continue
+        path = target / parent
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            path.mkdir()
+        else:
+            if stat.S_ISLNK(st.st_mode):
+                raise ArtifactError(f"artifact path {name!r} would be written through the symlink {path}")
+            if not stat.S_ISDIR(st.st_mode):
+                raise ArtifactError(f"artifact path {name!r} needs a directory where the file {path} is")
+        made.add(parent)
+
+
+def _is_there(path: Path, entry: ManifestEntry) -> bool:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        raise ArtifactError(f"artifact path {entry.path!r} is a directory in {path.parent}")
+    return stat.S_ISREG(st.st_mode) and st.st_size == entry.size and digest_file(path) == entry.digest
+
+
+def materialize(
+    entries: list[ManifestEntry],
+    store: ObjectStore,
+    target: Path,
+    on_progress: OnProgress | None = None,
+) -> list[Path]:
+    """Write entries under `target` safely and in parallel (copies, never links to the store)."""
+    rels = _check_entries(entries)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        made: set[PurePosixPath] = set()
+        for rel, e in zip(rels, entries, strict=True):
+            _ensure_dir(target, rel, made, e.path)
+    except OSError as err:
+        raise StorageError(f"can't create directories in {target}: {err.strerror or err}") from err
+
+    total_bytes = sum(e.size for e in entries)
+
+    def write(rel: PurePosixPath, e: ManifestEntry) -> Path:
+        try:
+            return _write(rel, e)
+        except OSError as err:
+            raise StorageError(f"can't write {target / rel}: {err.strerror or err}") from err
+
+    def _write(rel: PurePosixPath, e: ManifestEntry) -> Path:
+        dest = target / rel
+        if e.is_symlink:
+            link = os.fsdecode(store.get_bytes(e.digest))
+            if os.path.lexists(dest):
+                if os.path.isdir(dest) and not os.path.islink(dest):
+                    raise ArtifactError(f"artifact path {e.path!r} is a directory in {target}")
+                if os.path.islink(dest) and os.readlink(dest) == link:
+                    return dest
+                dest.unlink()
+            os.symlink(link, dest)
+            return dest
+        if not _is_there(dest, e):
+            store.get_file(e.digest, dest)
+        os.chmod(dest, stat.S_IMODE(e.mode) if e.mode else 0o644)
+        return dest
+
+    files = [(r, e) for r, e in zip(rels, entries, strict=True) if not e.is_symlink]
+    links = [(r, e) for r, e in zip(rels, entries, strict=True) if e.is_symlink]
+    out: list[Path] = []
+    done_bytes = 0
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        futures = {pool.submit(write, r, e): e for r, e in files}
+        try:
+            for n, future in enumerate(as_completed(futures), 1):
+                out.append(future.result())
+                e = futures[future]
+                done_bytes += e.size
+                if on_progress is not None:
+                    on_progress(Progress(e.path, n, len(entries), done_bytes, total_bytes))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    for n, (r, e) in enumerate(links, len(files) + 1):
+        out.append(write(r, e))
+        done_bytes += e.size
+        if on_progress is not None:
+            on_progress(Progress(e.path, n, len(entries), done_bytes, total_bytes))
+    return sorted(out)

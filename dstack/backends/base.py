@@ -1,0 +1,104 @@
+"""The runner interface: where a job runs (this machine, an SSH host, a cloud instance).
+
+A runner launches a job detached from the orchestrating process: the job's pid, exit code and log live in
+a per-job directory on the runner, so the job survives the CLI exiting and can be re-attached to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from dstack.specs import JobSpec
+    from dstack.store.objects import Manifest, ObjectStore
+
+
+@dataclass
+class GpuInfo:
+    index: int
+    name: str
+    memory_mib: int = 0
+
+
+@dataclass
+class Capacity:
+    """What a runner has in total (placement subtracts what running jobs reserved)."""
+
+    cpus: float
+    memory_mib: int
+    gpus: list[GpuInfo] = field(default_factory=list)
+    disk_free_mib: int = 0
+    docker: bool = False
+    os: str = ""
+    python: str = ""
+    rsync: bool = False
+
+
+@dataclass
+class DependencyArtifacts:
+    """An upstream job's saved artifacts, to be placed in the job's working directory."""
+
+    label: str  # "prepare" or "prepare:latest"
+    manifest: Manifest
+
+
+@dataclass
+class JobContext:
+    """Everything a runner needs to start one job."""
+
+    job_id: str
+    run_name: str
+    spec: JobSpec
+    code: Manifest  # the run's repo state, relative to the repo root
+    working_subdir: str  # the project root (folder with .dstack/) relative to the repo root
+    dependencies: list[DependencyArtifacts]
+    store: ObjectStore
+    gpu_indexes: list[int] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobState:
+    status: Literal["running", "exited", "lost"]
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+class Runner(ABC):
+    """One place jobs run. Implementations: LocalRunner (this machine), SSHRunner (a registered host)."""
+
+    name: str
+
+    @abstractmethod
+    def probe(self) -> Capacity:
+        """Find what the runner has: CPUs, memory, GPUs, disk, Docker."""
+
+    @abstractmethod
+    def start_job(self, ctx: JobContext) -> None:
+        """Lay out the job's directory (code + dependency artifacts) and launch it detached."""
+
+    @abstractmethod
+    def poll_job(self, job_id: str) -> JobState:
+        """Is the job still running, did it exit (with which code), or is it gone?"""
+
+    @abstractmethod
+    def read_log(self, job_id: str, offset: int) -> bytes:
+        """The job's output from byte `offset` on (what is there now)."""
+
+    @abstractmethod
+    def stop_job(self, job_id: str) -> None:
+        """End the job's whole process tree."""
+
+    @abstractmethod
+    def collect_artifacts(self, job_id: str, spec: JobSpec, store: ObjectStore) -> tuple[Manifest, list[str]]:
+        """Save the job's declared artifacts into the store; return the manifest and the missing paths."""
+
+    @abstractmethod
+    def cleanup_job(self, job_id: str, keep: bool = False) -> None:
+        """Remove the job's working directory (its log and exit code stay until the runner prunes them)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

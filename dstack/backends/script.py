@@ -1,0 +1,105 @@
+"""The files that run a job on any runner: `env.sh`, `job.sh` (the user's commands) and `run.sh` (the wrapper).
+
+The wrapper is started detached (`setsid`); it records its pid (which is also the job's process group),
+sends the job's output to `log` and writes the exit code to `exit` atomically when the job ends. The
+same files serve the local runner and SSH hosts, so a job behaves the same wherever it runs.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dstack.backends.base import JobContext
+
+RUN_SH = """#!/usr/bin/env bash
+# dstack job wrapper: pid, log and exit code live next to this file.
+cd "$(dirname "$0")" || exit 1
+echo $$ > pid.tmp && mv pid.tmp pid
+bash ./job.sh > log 2>&1 < /dev/null
+code=$?
+echo $code > exit.tmp && mv exit.tmp exit
+"""
+
+ENV_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def job_env(ctx: JobContext, passthrough: dict[str, str] | None = None) -> dict[str, str]:
+    """Every environment variable the job gets, in order: the spec's, the reserved ones, ports, GPUs."""
+    env: dict[str, str] = {}
+    env.update(passthrough or {})
+    env.update(ctx.spec.env)
+    env.update(
+        {
+            "RUN_NAME": ctx.run_name,
+            "run_name": ctx.run_name,
+            "JOB_ID": ctx.job_id,
+            "job_id": ctx.job_id,
+            "DSTACK_RUN": ctx.run_name,
+            "DSTACK_JOB": ctx.job_id,
+            "DSTACK_WORKFLOW": ctx.spec.workflow,
+        }
+    )
+    for i, port in enumerate(ctx.ports):
+        env[f"PORT_{i}"] = str(port)
+    if ctx.gpu_indexes or ctx.spec.resources.gpu.count == 0:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ctx.gpu_indexes)
+        env["NVIDIA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] or "void"
+    env.update(ctx.extra_env)
+    return env
+
+
+def render_env(env: dict[str, str]) -> str:
+    """`export K='v'` lines; names that are not valid shell identifiers are skipped."""
+    lines = []
+    for key, value in env.items():
+        if key and set(key) <= ENV_NAME_OK and not key[0].isdigit():
+            lines.append(f"export {key}={shlex.quote(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def python_setup(ctx: JobContext, venv_root: str, requirements_digest: str | None) -> str:
+    """Shell lines that put the right `python` first on PATH: a cached venv when requirements are given."""
+    py = ctx.spec.python
+    if py is None:
+        return ""
+    want = f"python{py.version}" if py.version else "python3"
+    lines = [
+        f"want={shlex.quote(want)}",
+        'if command -v "$want" >/dev/null 2>&1; then py=$(command -v "$want"); '
+        'else py=$(command -v python3); echo "dstack: $want not found on this runner;'
+        ' using $("$py" --version 2>&1)" >&2; fi',
+    ]
+    if py.requirements and requirements_digest:
+        req = shlex.quote(py.requirements)
+        venv = f"{venv_root}/{requirements_digest[:24]}-$(basename \"$py\")"
+        lines += [
+            f'venv="{venv}"',
+            'mkdir -p "$(dirname "$venv")"',
+            '( flock 9; if [ ! -e "$venv/.ready" ]; then rm -rf "$venv";'
+            ' "$py" -m venv --system-site-packages "$venv" &&'
+            f' "$venv/bin/python" -m pip install -q --disable-pip-version-check -r {req} &&'
+            ' touch "$venv/.ready"; fi ) 9>"$venv.lock"',
+            'export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"',
+        ]
+    else:
+        lines += ['mkdir -p "$DSTACK_JOB_DIR/bin"', 'ln -sf "$py" "$DSTACK_JOB_DIR/bin/python"',
+                  'export PATH="$DSTACK_JOB_DIR/bin:$PATH"']
+    return "\n".join(lines) + "\n"
+
+
+def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_digest: str | None = None) -> str:
+    """The job's own script: environment, working directory, python set-up, then the commands with `set -e`."""
+    spec = ctx.spec
+    workdir = f"{job_dir}/work/{ctx.working_subdir}/{spec.working_dir}".replace("/./", "/")
+    parts = [
+        "#!/usr/bin/env bash",
+        "set -e",
+        f"export DSTACK_JOB_DIR={shlex.quote(job_dir)}",
+        f". {shlex.quote(job_dir + '/env.sh')}",
+        f"cd {shlex.quote(workdir)}",
+        python_setup(ctx, venv_root, requirements_digest),
+    ]
+    parts += spec.commands
+    return "\n".join(p.rstrip("\n") for p in parts if p) + "\n"

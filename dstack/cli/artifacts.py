@@ -1,0 +1,60 @@
+"""`dstack artifacts list|download`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="List and download a run's artifacts.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(
+    run: str = typer.Argument(..., help="Run name or prefix."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List every artifact file of a run."""
+    from dstack.cli import ui
+    from dstack.results import list_artifacts
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        run_ = state.run(run)
+        items = list_artifacts(state, run_)
+    if as_json:
+        ui.print_json([{"name": a.path, "workflow": a.workflow, "job": a.job_id, "size": a.size,
+                        "digest": a.digest} for a in items])
+        return
+    if not items:
+        ui.info(f"Run {run_.name} has no artifacts.")
+        return
+    ui.table(["Workflow", "Path", "Size", "Digest"],
+             [[a.workflow, a.path, ui.size(a.size), a.digest[:12]] for a in items],
+             title=f"Artifacts of {run_.name}")
+
+
+@app.command("download")
+def download(
+    run: str = typer.Argument(..., help="Run name or prefix."),
+    path: str = typer.Argument(None, help="Only this file or folder of the artifacts."),
+    output: Path = typer.Option(Path("."), "-o", "--output", help="Where to put them."),
+) -> None:
+    """Download a run's artifacts, every file checked against its digest."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from dstack.cli import ui
+    from dstack.results import download_artifacts
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        run_ = state.run(run)
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=ui.err_console(), transient=True) as progress:
+            task = progress.add_task(f"Downloading {run_.name}", total=None)
+
+            def on_progress(p: object) -> None:
+                progress.update(task, completed=getattr(p, "done_bytes", 0), total=getattr(p, "total_bytes", 0))
+
+            files = download_artifacts(state, run_, output, path, on_progress=on_progress)
+    ui.info(f"Downloaded {len(files)} file(s) of {run_.name} to {output}")

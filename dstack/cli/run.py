@@ -1,0 +1,127 @@
+"""`dstack run WORKFLOW [--var value ...] [ARGS ...]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+RUN_HELP = """Run a workflow of the repo in the current directory (and what it depends on).
+
+Variables of the workflow are passed as `--name value`; other arguments reach the job as `${{ run.args }}`.
+`dstack run --help` lists the workflows; `dstack run WORKFLOW --help` lists its variables."""
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "run", help=RUN_HELP, add_help_option=False,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(run)
+
+
+def run(
+    ctx: typer.Context,
+    workflow: str = typer.Argument(None, help="The workflow to run."),
+    detach: bool = typer.Option(False, "-d", "--detach", help="Return at once; the run goes on."),
+    host: str = typer.Option(None, "--host", help="Run every job of the run on this runner."),
+    force: bool = typer.Option(False, "--force", help="Never reuse earlier jobs."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the jobs' working directories."),
+    show_help: bool = typer.Option(False, "-h", "--help", help="Show workflows or a workflow's variables."),
+) -> None:
+    from dstack.cli import ui
+
+    extra = list(ctx.args)
+    if show_help or "--help" in extra or "-h" in extra or not workflow:
+        _print_help(ctx, workflow)
+        return
+    overrides, args = parse_variables(extra)
+    from dstack.runs import RunRequest, create_run, start_orchestrator
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        created = create_run(state, RunRequest(workflow, Path.cwd(), overrides, args, host=host, force=force,
+                                               keep=keep))
+        run_ = created.run
+        for notice in created.notices:
+            ui.info(f"[yellow]Note:[/yellow] {notice}")
+        reused = [j.workflow for j in created.jobs if j.status == "reused"]
+        ui.info(f"Run [bold]{run_.name}[/bold]: " + ", ".join(
+            f"{j.workflow} (reused)" if j.status == "reused" else j.workflow for j in created.jobs))
+        if run_.status == "done":
+            ui.info(f"All jobs reused ({', '.join(reused)}); nothing to run. `--force` runs them again.")
+            return
+        start_orchestrator(state, run_)
+        if detach:
+            ui.info(f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`.")
+            return
+        from dstack.cli.runs import follow
+
+        follow(state, run_.id)
+
+
+def parse_variables(extra: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`--name value` / `--name=value` pairs become variables; the rest (and all after `--`) are run args."""
+    from dstack.errors import UsageError
+
+    overrides: dict[str, str] = {}
+    args: list[str] = []
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if token == "--":
+            args += extra[i + 1:]
+            break
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(extra):
+                    raise UsageError(f"variable '--{name}' needs a value: `--{name} VALUE`")
+                value = extra[i + 1]
+                i += 1
+            overrides[name.replace("-", "_") if name.replace("-", "_").isidentifier() else name] = value
+        else:
+            args.append(token)
+        i += 1
+    return overrides, args
+
+
+def _print_help(ctx: typer.Context, workflow: str | None) -> None:
+    from dstack.cli import ui
+
+    ui.out(ctx.get_help())
+    try:
+        from dstack.workflows import load_project
+
+        project = load_project(Path.cwd())
+    except Exception as e:  # no repo here: the plain help is all we can show
+        from dstack.errors import DstackError
+
+        if isinstance(e, DstackError):
+            ui.out(f"\n(no workflows: {e})")
+            return
+        raise
+    if not workflow:
+        rows = []
+        for name in project.names():
+            error = project.error(name)
+            helptext = project.help(name) or ""
+            rows.append([name, f"[red]broken:[/red] {error}" if error else helptext])
+        ui.out("")
+        ui.table(["Workflow", "Help"], rows, title=f"Workflows in {project.root}")
+        return
+    if workflow not in project.names():
+        from dstack.errors import UsageError
+
+        raise UsageError(f"no workflow named '{workflow}'", hint="see `dstack run --help`")
+    error = project.error(workflow)
+    if error:
+        raise error
+    ui.out("")
+    if project.help(workflow):
+        ui.out(f"{workflow}: {project.help(workflow)}")
+    variables = project.variables(workflow)
+    if variables:
+        ui.table(["Variable", "Default"], [[f"--{k}", v] for k, v in variables.items()],
+                 title=f"Variables of {workflow}")
+    else:
+        ui.out(f"Workflow {workflow} has no variables.")

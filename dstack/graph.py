@@ -1,0 +1,146 @@
+"""Resolving a workflow's dependency graph, and the keys that decide when a job can be reused."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dstack.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from dstack.specs import DependencySpec, JobSpec
+    from dstack.store.objects import Manifest, ObjectStore
+    from dstack.store.state import Job, State
+    from dstack.workflows import Project
+
+
+@dataclass
+class TagInput:
+    """Artifacts of an earlier run, reached through a tag (`prepare:latest`, `:data`)."""
+
+    label: str
+    jobs: list[Job]
+
+
+@dataclass
+class Node:
+    """One job to create: its spec, the workflows of this run it needs, and the tagged inputs."""
+
+    workflow: str
+    spec: JobSpec
+    upstream: list[str] = field(default_factory=list)
+    tag_inputs: list[TagInput] = field(default_factory=list)
+    key: str = ""
+
+
+def resolve_graph(project: Project, target: str, overrides: dict[str, str], args: list[str],
+                  state: State) -> list[Node]:
+    """The jobs `dstack run TARGET` needs, upstream first; a cycle, unknown workflow or tag is an error."""
+    known_vars: set[str] = set()
+    nodes: dict[str, Node] = {}
+    order: list[Node] = []
+    names = set(project.names())
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in nodes:
+            return
+        if name in path:
+            cycle = " → ".join([*path[path.index(name):], name])
+            raise ConfigError(f"workflows depend on each other in a cycle: {cycle}",
+                              hint="remove one of these dependencies")
+        variables = project.variables(name)
+        known_vars.update(variables)
+        own = {k: v for k, v in overrides.items() if k in variables}
+        spec = project.job_spec(name, own, args if name == target else [])
+        node = Node(name, spec)
+        for dep in spec.depends_on:
+            if dep.tag is None and dep.workflow is not None:
+                if dep.workflow not in names:
+                    raise ConfigError(
+                        f"workflow '{name}' depends on '{dep.workflow}', which is not a workflow of this repo",
+                        hint=_near(dep.workflow, names) or "check `depends-on`")
+                visit(dep.workflow, [*path, name])
+                if dep.workflow not in node.upstream:
+                    node.upstream.append(dep.workflow)
+            else:
+                node.tag_inputs.append(resolve_tag(state, dep, name))
+        nodes[name] = node
+        order.append(node)
+
+    if target not in names:
+        raise UsageError(f"no workflow named '{target}' in {project.root}/.dstack",
+                         hint=_near(target, names) or "see `dstack run --help` for the workflows")
+    visit(target, [])
+    unknown = sorted(set(overrides) - known_vars)
+    if unknown:
+        hint = ", ".join(sorted(known_vars)) or "none"
+        raise UsageError(f"unknown variable '--{unknown[0]}' for workflow '{target}'",
+                         hint=f"its variables: {hint}")
+    return order
+
+
+def resolve_tag(state: State, dep: DependencySpec, workflow: str) -> TagInput:
+    """The finished jobs behind `W:tag` or `:tag`."""
+    assert dep.tag is not None
+    tag = state.tag(dep.tag)
+    if tag is None:
+        raise ConfigError(
+            f"workflow '{workflow}' depends on '{dep.label()}', but there is no tag '{dep.tag}'",
+            hint=f"run the workflow and `dstack tags add {dep.tag} RUN`, or see `dstack tags list`")
+    jobs = [j for j in state.jobs(tag.run_id) if j.status in ("done", "reused") and j.manifest]
+    if dep.workflow:
+        jobs = [j for j in jobs if j.workflow == dep.workflow]
+        if not jobs:
+            raise ConfigError(f"workflow '{workflow}' depends on '{dep.label()}', but run {tag.run_name} "
+                              f"(tag '{dep.tag}') has no finished job of workflow '{dep.workflow}'",
+                              hint=f"depend on ':{dep.tag}' for all of that run's artifacts")
+    return TagInput(dep.label(), jobs)
+
+
+def filter_code(files: Manifest, working_subdir: str, include: list[str] | None) -> Manifest:
+    """The repo files a job depends on: all, or those matching `depends-on: repo: include:` globs."""
+    from dstack.store.objects import Manifest
+
+    if not include:
+        return files
+    prefix = "" if working_subdir in ("", ".") else working_subdir.rstrip("/") + "/"
+    kept = []
+    for entry in files.entries:
+        rel = entry.path[len(prefix):] if prefix and entry.path.startswith(prefix) else entry.path
+        if any(fnmatch.fnmatch(rel, g) or rel.startswith(g.rstrip("/") + "/") for g in include):
+            kept.append(entry)
+    return Manifest(entries=kept)
+
+
+def compute_keys(nodes: list[Node], files: Manifest, working_subdir: str) -> None:
+    """Each job's key: its spec, variables, the repo files it depends on, and its inputs' keys."""
+    from dstack.hashing import digest_bytes
+
+    keys: dict[str, str] = {}
+    for node in nodes:
+        code = filter_code(files, working_subdir, node.spec.repo_include)
+        material = {
+            "spec": node.spec.key_material(),
+            "code": code.digest(),
+            "subdir": posixpath.normpath(working_subdir),
+            "upstream": sorted(keys[u] for u in node.upstream),
+            "tags": sorted(j.key or j.manifest or "" for t in node.tag_inputs for j in t.jobs),
+        }
+        node.key = digest_bytes(json.dumps(material, sort_keys=True).encode())
+        keys[node.workflow] = node.key
+
+
+def load_manifest(store: ObjectStore, name: str | None) -> Manifest:
+    from dstack.store.objects import Manifest
+
+    return store.get_manifest(name) if name else Manifest(entries=[])
+
+
+def _near(name: str, names: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, sorted(names), n=1)
+    return f"did you mean '{match[0]}'?" if match else None

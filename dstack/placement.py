@@ -1,0 +1,61 @@
+"""Placing jobs on runners by the resources they declare and what runners have free."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dstack.backends.base import Capacity
+    from dstack.specs import JobSpec
+
+
+def cpu_request(spec: JobSpec) -> float:
+    return spec.resources.cpu if spec.resources.cpu is not None else 1.0
+
+
+def gpu_matches(gpu_name: str, wanted: str | None) -> bool:
+    """`v100` matches 'Tesla V100-SXM2-16GB'; names compare case-insensitively on the product name."""
+    if not wanted:
+        return True
+    return wanted.lower().replace(" ", "") in gpu_name.lower().replace(" ", "")
+
+
+def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
+    """Why this runner could never run the job (None if it could, once free)."""
+    res = spec.resources
+    if spec.image and not cap.docker:
+        return f"Docker (the job runs image {spec.image})"
+    if cpu_request(spec) > cap.cpus:
+        return f"CPUs ({cpu_request(spec):g} asked, {cap.cpus:g} there)"
+    if res.memory_mib and res.memory_mib > cap.memory_mib:
+        return f"memory ({res.memory_mib} MiB asked, {cap.memory_mib} MiB there)"
+    if res.disk_mib and cap.disk_free_mib and res.disk_mib > cap.disk_free_mib:
+        return f"disk ({res.disk_mib} MiB asked, {cap.disk_free_mib} MiB free)"
+    if res.gpu.count:
+        gpus = [g for g in cap.gpus if gpu_matches(g.name, res.gpu.name)
+                and (not res.gpu.memory_mib or g.memory_mib >= res.gpu.memory_mib)]
+        if len(gpus) < res.gpu.count:
+            what = f"{res.gpu.name} " if res.gpu.name else ""
+            return f"GPUs ({res.gpu.count} {what}asked, {len(gpus)} there)"
+    return None
+
+
+def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[str, Any] | None:
+    """What the job would hold on this runner now, or None if too much is taken."""
+    res = spec.resources
+    cpu = cpu_request(spec)
+    used_cpu = sum(h.get("cpu", 0) for h in held)
+    used_mem = sum(h.get("memory_mib", 0) for h in held)
+    used_gpus = {i for h in held for i in h.get("gpus", [])}
+    if used_cpu + cpu > cap.cpus + 1e-9:
+        return None
+    if res.memory_mib and used_mem + res.memory_mib > cap.memory_mib:
+        return None
+    gpus: list[int] = []
+    if res.gpu.count:
+        free = [g.index for g in cap.gpus if g.index not in used_gpus and gpu_matches(g.name, res.gpu.name)
+                and (not res.gpu.memory_mib or g.memory_mib >= res.gpu.memory_mib)]
+        if len(free) < res.gpu.count:
+            return None
+        gpus = free[: res.gpu.count]
+    return {"cpu": cpu, "memory_mib": res.memory_mib or 0, "gpus": gpus}

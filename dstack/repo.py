@@ -1,0 +1,184 @@
+"""The exact state of the user's repo for a run: commit, branch, remote, diff, and every working-tree file."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dstack.artifacts import SourceFile, materialize, store_files
+from dstack.errors import RepoError
+from dstack.store.digests import DigestCache
+from dstack.store.objects import Manifest, ObjectStore
+
+_GIT_ENV = {"GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}
+
+
+@dataclass
+class RepoState:
+    """What a run was made from; `files` holds every tracked and untracked-not-ignored file, stored."""
+
+    repo_root: Path
+    project_root: Path
+    remote_url: str | None
+    branch: str | None
+    commit: str | None  # None in a repo with no commits
+    diff: str  # `git diff HEAD --binary`
+    untracked: list[str] = field(default_factory=list)
+    files: Manifest = field(default_factory=Manifest)
+    working_subdir: str = "."  # project_root relative to repo_root
+
+    def to_json(self) -> str:
+        """The state as JSON (for the state database)."""
+        return json.dumps(
+            {
+                "repo_root": str(self.repo_root),
+                "project_root": str(self.project_root),
+                "remote_url": self.remote_url,
+                "branch": self.branch,
+                "commit": self.commit,
+                "diff": self.diff,
+                "untracked": self.untracked,
+                "files": self.files.model_dump(),
+                "working_subdir": self.working_subdir,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: str) -> RepoState:
+        """The state back from `to_json()`."""
+        d = json.loads(data)
+        return cls(
+            repo_root=Path(d["repo_root"]),
+            project_root=Path(d["project_root"]),
+            remote_url=d["remote_url"],
+            branch=d["branch"],
+            commit=d["commit"],
+            diff=d["diff"],
+            untracked=d["untracked"],
+            files=Manifest.model_validate(d["files"]),
+            working_subdir=d["working_subdir"],
+        )
+
+
+def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    try:
+        proc = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, env={**os.environ, **_GIT_ENV}, check=False
+        )
+    except FileNotFoundError:
+        raise RepoError(
+            "git is not installed", hint="install Git and run dstack in your project's repo"
+        ) from None
+    if check and proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise RepoError(f"`git {' '.join(args)}` failed in {cwd}: {tail[0]}")
+    return proc
+
+
+def _zlist(out: bytes) -> list[str]:
+    return [os.fsdecode(p) for p in out.split(b"\0") if p]
+
+
+def find_repo_root(project_root: Path) -> Path:
+    """The top of the Git working tree holding `project_root`; RepoError if there is none."""
+    if not project_root.is_dir():
+        raise RepoError(f"{project_root} is not a directory")
+    proc = _git(project_root, "rev-parse", "--show-toplevel", check=False)
+    if proc.returncode != 0:
+        raise RepoError(
+            f"{project_root} is not inside a Git repository",
+            hint="run `git init` there (dstack versions runs by the repo's state)",
+        )
+    return Path(os.fsdecode(proc.stdout.rstrip(b"\n")))
+
+
+def _remote_url(repo_root: Path, branch: str | None) -> str | None:
+    proc = _git(
+        repo_root, "config", "-z", "--get-regexp", r"^(remote\..*\.url|branch\..*\.remote)$", check=False
+    )
+    values: dict[str, str] = {}
+    for item in _zlist(proc.stdout):
+        key, _, value = item.partition("\n")
+        values[key] = value
+    names = [branch and values.get(f"branch.{branch}.remote"), "origin"]
+    for name in names:
+        if name and f"remote.{name}.url" in values:
+            return values[f"remote.{name}.url"]
+    urls = [v for k, v in sorted(values.items()) if k.startswith("remote.")]
+    return urls[0] if urls else None
+
+
+def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) -> RepoState:
+    """Record the repo's exact state (commit, diff, untracked files) and store every working-tree file."""
+    project_root = project_root.absolute()
+    repo_root = find_repo_root(project_root)
+    head = _git(repo_root, "rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
+    commit = head.stdout.decode().strip() if head.returncode == 0 else None
+    ref = _git(repo_root, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    branch = ref.stdout.decode().strip() if ref.returncode == 0 else None
+    diff = ""
+    if commit is not None:
+        diff = _git(repo_root, "diff", "HEAD", "--binary", "--no-color", "--no-ext-diff").stdout.decode(
+            errors="replace"
+        )
+    tracked = _zlist(_git(repo_root, "ls-files", "-z", "--cached").stdout)
+    untracked = _zlist(_git(repo_root, "ls-files", "-z", "--others", "--exclude-standard").stdout)
+
+    found: dict[str, SourceFile] = {}
+    for rel in [*tracked, *untracked]:
+        if rel in found:
+            continue  # unmerged paths are listed once per stage
+        path = repo_root / rel
+        try:
+            st = path.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # deleted but still tracked
+        if stat.S_ISLNK(st.st_mode):
+            found[rel] = SourceFile(rel, path, st, os.fsencode(os.readlink(path)))
+        elif stat.S_ISREG(st.st_mode):
+            found[rel] = SourceFile(rel, path, st)
+        # directories here are submodules: not snapshotted
+    files = store_files(found.values(), store, cache).manifest
+    real_project = project_root.resolve()
+    try:
+        subdir = real_project.relative_to(repo_root.resolve()).as_posix()
+    except ValueError:
+        subdir = "."
+    return RepoState(
+        repo_root=repo_root,
+        project_root=project_root,
+        remote_url=_remote_url(repo_root, branch),
+        branch=branch,
+        commit=commit,
+        diff=diff,
+        untracked=untracked,
+        files=files,
+        working_subdir=subdir or ".",
+    )
+
+
+def _included(path: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        pattern = pattern.strip().removeprefix("./")
+        if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern.rstrip("/") + "/"):
+            return True
+        if "**/" in pattern and fnmatch.fnmatchcase(path, pattern.replace("**/", "")):
+            return True
+    return False
+
+
+def checkout_files(
+    files: Manifest, store: ObjectStore, target: Path, include: list[str] | None = None
+) -> None:
+    """Write a repo snapshot's files into a job's working dir as copies (jobs may change them).
+
+    `include`: glob patterns (a directory includes what is under it); files already there with the
+    right content are kept.
+    """
+    entries = files.entries if include is None else [e for e in files.entries if _included(e.path, include)]
+    materialize(list(entries), store, target)

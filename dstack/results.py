@@ -1,0 +1,57 @@
+"""A run's results: its jobs' artifacts, listed and downloaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dstack.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from dstack.artifacts import OnProgress
+    from dstack.store.state import ArtifactRow, Run, State
+
+
+@dataclass
+class RunArtifact:
+    workflow: str
+    job_id: str
+    path: str
+    size: int
+    digest: str
+
+
+def artifact_source(state: State, job_id: str) -> str:
+    """The job whose artifacts a job has (a reused job points at the original)."""
+    job = state.job(job_id)
+    return job.reused_from or job.id
+
+
+def list_artifacts(state: State, run: Run) -> list[RunArtifact]:
+    """Every artifact file of every job of the run."""
+    result = []
+    for job in state.jobs(run.id):
+        rows: list[ArtifactRow] = state.artifact_rows(job.reused_from or job.id)
+        result += [RunArtifact(job.workflow, job.id, r.path, r.size, r.digest) for r in rows]
+    return result
+
+
+def download_artifacts(state: State, run: Run, target: Path, path: str | None = None,
+                       on_progress: OnProgress | None = None) -> list[Path]:
+    """Restore the run's artifacts (or those under `path`) into `target`, every digest checked."""
+    from dstack.artifacts import restore_artifacts, select_entries
+    from dstack.store import open_object_store
+    from dstack.store.objects import Manifest
+
+    store = open_object_store(state)
+    manifests = []
+    for job in state.jobs(run.id):
+        if job.manifest:
+            manifests.append(store.get_manifest(job.manifest))
+    merged = Manifest(entries=[e for m in manifests for e in m.entries])
+    if not merged.entries:
+        raise ArtifactError(f"run {run.name} has no artifacts", hint="declare `artifacts:` in the workflow")
+    select_entries(merged, path)  # NotFoundError naming the path if nothing is under it
+    target.mkdir(parents=True, exist_ok=True)
+    return restore_artifacts(merged, store, target, subpath=path, on_progress=on_progress)

@@ -1,0 +1,492 @@
+"""SSH connections to runner hosts: one per host per process, host keys pinned in `$DSTACK_HOME/known_hosts`.
+
+Authentication tries the ssh-agent, the identity files from the target (`-i`, ~/.ssh/config) and the
+default keys. A host's key is pinned the first time (the caller's `accept` sees its fingerprint); a changed
+key later is refused.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import hashlib
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from dstack.errors import HostError, RemoteCommandError
+from dstack.ssh.config import SSHTarget, resolve_target
+
+if TYPE_CHECKING:
+    import paramiko
+
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+KEEPALIVE_SECONDS = 5
+_BUF = 1 << 16
+
+AcceptKey = Callable[[str], bool]
+
+
+def dstack_home() -> Path:
+    """`$DSTACK_HOME`, or ~/.dstack."""
+    return Path(os.environ.get("DSTACK_HOME") or os.path.expanduser("~/.dstack"))
+
+
+def known_hosts_path() -> Path:
+    """The file where dstack pins host keys (OpenSSH known_hosts format)."""
+    return dstack_home() / "known_hosts"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style `SHA256:…` fingerprint of a host key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def key_line(key: paramiko.PKey) -> str:
+    """`<keytype> <base64>`: how a pinned key is stored."""
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def fingerprint_of_line(line: str) -> str:
+    """The fingerprint of a stored `<keytype> <base64>` key."""
+    _, data = line.split(None, 1)
+    digest = hashlib.sha256(base64.b64decode(data.strip())).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
+def pinned_key(target: SSHTarget) -> str | None:
+    """The key pinned for the target's address, as `<keytype> <base64>`, or None."""
+    import paramiko
+
+    path = known_hosts_path()
+    if not path.exists():
+        return None
+    keys = paramiko.HostKeys(str(path)).lookup(target.known_hosts_name)
+    if not keys:
+        return None
+    name = next(iter(keys.keys()))
+    return key_line(keys[name])
+
+
+def pin_key(target: SSHTarget, key: paramiko.PKey) -> None:
+    """Pin `key` for the target's address (replacing any older pin)."""
+    import paramiko
+
+    with _KNOWN_HOSTS_LOCK:
+        path = known_hosts_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = paramiko.HostKeys(str(path)) if path.exists() else paramiko.HostKeys()
+        _drop(keys, target.known_hosts_name)
+        keys.add(target.known_hosts_name, key.get_name(), key)
+        _save(keys, path)
+
+
+def unpin_key(target: SSHTarget) -> bool:
+    """Forget the pinned key of the target's address; whether there was one."""
+    import paramiko
+
+    with _KNOWN_HOSTS_LOCK:
+        path = known_hosts_path()
+        if not path.exists():
+            return False
+        keys = paramiko.HostKeys(str(path))
+        found = _drop(keys, target.known_hosts_name)
+        if found:
+            _save(keys, path)
+        return found
+
+
+def _drop(keys: paramiko.HostKeys, name: str) -> bool:
+    before = len(keys._entries)
+    keys._entries = [e for e in keys._entries if name not in e.hostnames]
+    return len(keys._entries) != before
+
+
+def _save(keys: paramiko.HostKeys, path: Path) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    keys.save(str(tmp))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Result:
+    """What a remote command did."""
+
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Connection:
+    """One authenticated SSH transport to a host; commands, streams and SFTP share it."""
+
+    def __init__(self, target: SSHTarget, name: str | None = None) -> None:
+        self.target = target
+        self.name = name or target.alias
+        self._client: paramiko.SSHClient | None = None
+        self._jump: Connection | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_lock = threading.Lock()
+        self._home: str | None = None
+        self.host_key: str | None = None  # `<keytype> <base64>` after connecting
+
+    # connecting
+
+    def open(self, accept: AcceptKey | None = None) -> None:
+        """Connect and authenticate; pin the host key the first time if `accept` says yes."""
+        import paramiko
+
+        target = self.target
+        sock: Any = None
+        if target.proxy_jump:
+            self._jump = _open_jump(target.proxy_jump, accept)
+            transport = self._jump.transport
+            try:
+                sock = transport.open_channel(
+                    "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT
+                )
+            except (paramiko.SSHException, OSError) as exc:
+                raise HostError(
+                    f"cannot reach {self.name} at {target.describe()} through {target.proxy_jump}: {_why(exc)}",
+                    hint="check the host name and port as the jump host sees them",
+                ) from exc
+        client = paramiko.SSHClient()
+        path = known_hosts_path()
+        if path.exists():
+            client.get_host_keys().load(str(path))
+        policy = _PinPolicy(self.name, target, accept)
+        client.set_missing_host_key_policy(policy)
+        try:
+            client.connect(
+                target.hostname,
+                port=target.port,
+                username=target.user,
+                key_filename=list(target.identity_files) or None,
+                timeout=CONNECT_TIMEOUT,
+                banner_timeout=CONNECT_TIMEOUT,
+                auth_timeout=CONNECT_TIMEOUT,
+                channel_timeout=CONNECT_TIMEOUT,
+                allow_agent=True,
+                look_for_keys=True,
+                sock=sock,
+            )
+        except HostError:
+            client.close()
+            self._close_jump()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            self._close_jump()
+            raise HostError(
+                f"host key of {self.name} ({target.describe()}) has changed: pinned {fingerprint(exc.expected_key)},"
+                f" now {fingerprint(exc.key)}; refusing to connect",
+                hint=f"if the host was reinstalled, re-pin it: `dstack hosts remove {self.name}` then"
+                f" `dstack hosts add {_address(target)} --name {self.name}`",
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            self._close_jump()
+            raise HostError(
+                f"cannot log in to {self.name} as {target.user}: key refused",
+                hint="pass -i KEY, load the key into ssh-agent, or check the user and ~/.ssh/config",
+            ) from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            self._close_jump()
+            raise HostError(
+                f"cannot reach {self.name} at {target.describe()}: {_why(exc)}",
+                hint="check that the host is up, the port is right and sshd runs there",
+            ) from exc
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE_SECONDS)
+        server_key = transport.get_remote_server_key()
+        if policy.accepted is not None:
+            pin_key(target, policy.accepted)
+        self.host_key = key_line(server_key)
+        self._client = client
+
+    def _close_jump(self) -> None:
+        self._jump = None  # pooled; closed with the pool
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if self._client is None:
+            raise HostError(f"{self.name}: not connected")
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise HostError(f"{self.name}: connection to {self.target.describe()} was lost")
+        return transport
+
+    def is_alive(self) -> bool:
+        if self._client is None:
+            return False
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def close(self) -> None:
+        """Close the SFTP session and the transport."""
+        with self._sftp_lock:
+            if self._sftp is not None:
+                try:
+                    self._sftp.close()
+                except Exception:
+                    pass
+                self._sftp = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # commands
+
+    def _session(self, timeout: float) -> paramiko.Channel:
+        import paramiko
+
+        try:
+            chan = self.transport.open_session(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._lost(exc)
+            raise AssertionError from exc  # unreachable: _lost raises
+        chan.settimeout(timeout)
+        return chan
+
+    def _lost(self, exc: BaseException) -> None:
+        drop_connection(self)
+        raise HostError(
+            f"{self.name} stopped answering ({self.target.describe()}): {_why(exc)}",
+            hint="check that the host is up and reachable",
+        ) from exc
+
+    def run(
+        self, command: str, *, input: bytes | str | None = None, timeout: float = COMMAND_TIMEOUT, check: bool = True
+    ) -> Result:
+        """Run `command` with bash on the host; raise RemoteCommandError when it exits non-zero and `check`."""
+        data = input.encode() if isinstance(input, str) else input
+        chan = self._session(timeout)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        try:
+            try:
+                chan.exec_command(_bash(command))
+                if data:
+                    chan.sendall(data)
+                chan.shutdown_write()
+                deadline = time.monotonic() + timeout
+                while True:
+                    if chan.recv_ready():
+                        out.append(chan.recv(_BUF))
+                        continue
+                    if chan.recv_stderr_ready():
+                        err.append(chan.recv_stderr(_BUF))
+                        continue
+                    if chan.eof_received:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"no answer within {timeout:g}s")
+                    select.select([chan], [], [], left)
+                left = max(deadline - time.monotonic(), 0.1)
+                if not chan.status_event.wait(left):
+                    raise TimeoutError(f"no exit status within {timeout:g}s")
+                code = chan.recv_exit_status()
+            except (OSError, EOFError, TimeoutError) as exc:
+                self._lost(exc)
+                raise AssertionError from exc
+        finally:
+            chan.close()
+        result = Result(command, code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace"))
+        if check and code != 0:
+            raise RemoteCommandError(self.name, command, code, result.stdout + result.stderr)
+        return result
+
+    def run_with_writer(self, command: str, write: Callable[[IO[bytes]], None], *, timeout: float = 300) -> Result:
+        """Run `command` and stream what `write(stdin)` writes into its stdin (e.g. a tar stream)."""
+        chan = self._session(timeout)
+        try:
+            try:
+                chan.set_combine_stderr(True)
+                chan.exec_command(_bash(command))
+                stdin = chan.makefile_stdin("wb")
+                write(stdin)
+                stdin.flush()
+                stdin.close()
+                chan.shutdown_write()
+                output = chan.makefile("rb").read()
+                code = chan.recv_exit_status()
+            except (OSError, EOFError, TimeoutError) as exc:
+                self._lost(exc)
+                raise AssertionError from exc
+        finally:
+            chan.close()
+        text = output.decode(errors="replace")
+        if code != 0:
+            raise RemoteCommandError(self.name, command, code, text)
+        return Result(command, code, text, "")
+
+    def run_with_reader(self, command: str, read: Callable[[IO[bytes]], None], *, timeout: float = 300) -> Result:
+        """Run `command` and hand its stdout to `read` as a stream (e.g. a tar stream); stderr is kept."""
+        chan = self._session(timeout)
+        try:
+            try:
+                chan.exec_command(_bash(command))
+                chan.shutdown_write()
+                stderr: list[bytes] = []
+                drain = threading.Thread(target=lambda: stderr.append(chan.makefile_stderr("rb").read()), daemon=True)
+                drain.start()
+                stdout = chan.makefile("rb")
+                read(stdout)
+                stdout.read()  # whatever `read` left
+                drain.join(timeout)
+                code = chan.recv_exit_status()
+            except (OSError, EOFError, TimeoutError) as exc:
+                self._lost(exc)
+                raise AssertionError from exc
+        finally:
+            chan.close()
+        text = b"".join(stderr).decode(errors="replace")
+        if code != 0:
+            raise RemoteCommandError(self.name, command, code, text)
+        return Result(command, code, "", text)
+
+    # files
+
+    @contextmanager
+    def sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """The connection's SFTP session (opened once), held exclusively while in the `with` block."""
+        import paramiko
+
+        with self._sftp_lock:
+            if self._sftp is None:
+                try:
+                    self._sftp = paramiko.SFTPClient.from_transport(self.transport)
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    self._lost(exc)
+                assert self._sftp is not None
+                self._sftp.get_channel().settimeout(COMMAND_TIMEOUT)
+            try:
+                yield self._sftp
+            except (socket.timeout, EOFError) as exc:
+                self._sftp = None
+                self._lost(exc)
+            except paramiko.SSHException as exc:
+                self._sftp = None
+                self._lost(exc)
+
+    @property
+    def home(self) -> str:
+        """The login user's home directory on the host."""
+        if self._home is None:
+            self._home = self.run('printf %s "$HOME"', timeout=30).stdout.strip()
+        return self._home
+
+
+class _PinPolicy:
+    """Ask `accept` about an unknown host key; refuse when there is no one to ask."""
+
+    def __init__(self, name: str, target: SSHTarget, accept: AcceptKey | None) -> None:
+        self.name = name
+        self.target = target
+        self.accept = accept
+        self.accepted: paramiko.PKey | None = None
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        fp = fingerprint(key)
+        if self.accept is not None and self.accept(fp):
+            self.accepted = key
+            return
+        raise HostError(
+            f"host key of {self.name} ({self.target.describe()}) is not pinned: {key.get_name()} {fp}",
+            hint=f"`dstack hosts add {_address(self.target)}` shows it and asks (or pass --yes)",
+        )
+
+
+def _bash(command: str) -> str:
+    import shlex
+
+    return f"bash -c {shlex.quote(command)}"
+
+
+def _address(target: SSHTarget) -> str:
+    port = "" if target.port == 22 else f":{target.port}"
+    return f"{target.user}@{target.alias}{port}"
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host name"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return str(exc) if str(exc) and str(exc) != "timed out" else f"no answer within {CONNECT_TIMEOUT:g}s"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Unable to connect" in text:
+        return "connection refused"
+    if "Error reading SSH protocol banner" in text:
+        return "no SSH server answered (wrong port?)"
+    return text
+
+
+# the pool: one connection per target per process
+
+_POOL: dict[str, Connection] = {}
+_POOL_LOCK = threading.RLock()
+
+
+def get_connection(target: SSHTarget, *, name: str | None = None, accept: AcceptKey | None = None) -> Connection:
+    """The process's connection to `target`, opened (and pinned, see `accept`) if there is none alive."""
+    with _POOL_LOCK:
+        conn = _POOL.get(target.key)
+        if conn is not None and conn.is_alive():
+            if name:
+                conn.name = name
+            return conn
+        if conn is not None:
+            conn.close()
+        conn = Connection(target, name)
+        conn.open(accept)
+        _POOL[target.key] = conn
+        return conn
+
+
+def drop_connection(conn: Connection) -> None:
+    """Close `conn` and forget it, so the next use reconnects."""
+    with _POOL_LOCK:
+        if _POOL.get(conn.target.key) is conn:
+            del _POOL[conn.target.key]
+    conn.close()
+
+
+def close_all() -> None:
+    """Close every pooled connection (at exit, and between tests)."""
+    with _POOL_LOCK:
+        conns = list(_POOL.values())
+        _POOL.clear()
+    for conn in conns:
+        conn.close()
+
+
+def _open_jump(spec: str, accept: AcceptKey | None) -> Connection:
+    hops = [hop.strip() for hop in spec.split(",") if hop.strip()]
+    previous = ",".join(hops[:-1]) or None
+    target = resolve_target(hops[-1], proxy_jump=previous)
+    return get_connection(target, accept=accept)
+
+
+atexit.register(close_all)

@@ -1,0 +1,330 @@
+"""The content-addressed artifact store: immutable objects keyed by digest, manifests keyed by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel
+
+from dstack.errors import ArtifactError, NotFoundError, StorageError, UsageError
+from dstack.hashing import digest_bytes, digest_file, is_digest
+
+S_IFLNK = 0o120000
+S_IFREG = 0o100000
+_NAME = re.compile(r"^[A-Za-z0-9._@+=:,-]+(/[A-Za-z0-9._@+=:,-]+)*$")
+
+
+class ManifestEntry(BaseModel):
+    """One file of a manifest: a relative posix path, its size, its mode (with type bits) and digest."""
+
+    path: str
+    size: int
+    mode: int
+    digest: str
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.mode & 0o170000 == S_IFLNK
+
+
+class Manifest(BaseModel):
+    """The files of an artifact or a repo snapshot; objects hold the content."""
+
+    entries: list[ManifestEntry] = []
+
+    def canonical_json(self) -> str:
+        """The manifest as JSON with entries sorted by path and no whitespace: what `digest()` hashes."""
+        entries = sorted((e.model_dump() for e in self.entries), key=lambda e: e["path"])
+        return json.dumps({"entries": entries}, sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """The digest of the canonical JSON."""
+        return digest_bytes(self.canonical_json().encode())
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+
+def check_digest(digest: str) -> str:
+    """`digest` if it is one (64 lowercase hex characters), else ArtifactError."""
+    if not is_digest(digest):
+        raise ArtifactError(f"invalid object digest {digest[:80]!r}")
+    return digest
+
+
+def check_name(name: str, what: str = "manifest name") -> str:
+    """`name` if it is a safe store key (slash-separated segments, no '..'), else UsageError."""
+    if not _NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
+        raise UsageError(f"invalid {what} {name!r}", hint="use letters, digits, '.', '-', '_' and '/'")
+    return name
+
+
+def safe_relpath(path: str) -> PurePosixPath:
+    """A manifest path as a relative path that stays inside its target, else ArtifactError naming it."""
+    p = PurePosixPath(path)
+    if (
+        not path
+        or "\\" in path
+        or "\0" in path
+        or p.is_absolute()
+        or any(part in ("..", "") for part in path.split("/"))
+        or p == PurePosixPath(".")
+    ):
+        raise ArtifactError(f"artifact path {path!r} would escape the target directory")
+    return PurePosixPath(*(part for part in p.parts if part != "."))
+
+
+class ObjectStore(ABC):
+    """Where artifacts live: immutable objects by digest, manifests by name, small mutable meta records."""
+
+    url: str
+
+    @abstractmethod
+    def has(self, digest: str) -> bool:
+        """Whether the object is in the store."""
+
+    @abstractmethod
+    def put_file(self, path: Path, digest: str) -> bool:
+        """Store the file as object `digest`; False if it was already there; ArtifactError if it differs."""
+
+    def put_bytes(self, data: bytes, digest: str) -> bool:
+        """Store `data` as object `digest`; False if it was already there."""
+        if self.has(check_digest(digest)):
+            return False
+        with tempfile.TemporaryDirectory(prefix="dstack-") as tmp:
+            path = Path(tmp) / "object"
+            path.write_bytes(data)
+            return self.put_file(path, digest)
+
+    @abstractmethod
+    def get_file(self, digest: str, dest: Path) -> None:
+        """Write object `digest` to `dest` (replacing it), digest checked; ArtifactError if it is wrong."""
+
+    def get_bytes(self, digest: str) -> bytes:
+        """The content of a (small) object, digest checked."""
+        with tempfile.TemporaryDirectory(prefix="dstack-") as tmp:
+            path = Path(tmp) / "object"
+            self.get_file(digest, path)
+            return path.read_bytes()
+
+    @abstractmethod
+    def put_manifest(self, name: str, manifest: Manifest) -> None:
+        """Store a manifest under `name`; the same again is a no-op, a different one an ArtifactError."""
+
+    @abstractmethod
+    def get_manifest(self, name: str) -> Manifest:
+        """The manifest stored under `name`; NotFoundError if there is none."""
+
+    def has_manifest(self, name: str) -> bool:
+        """Whether a manifest is stored under `name`."""
+        try:
+            self.get_manifest(name)
+        except NotFoundError:
+            return False
+        return True
+
+    @abstractmethod
+    def put_meta(self, key: str, data: bytes) -> None:
+        """Write a small mutable record, replacing it atomically."""
+
+    @abstractmethod
+    def get_meta(self, key: str) -> bytes | None:
+        """A small record, or None if there is none."""
+
+    @abstractmethod
+    def list_meta(self, prefix: str = "") -> list[str]:
+        """Keys of the records starting with `prefix`, sorted."""
+
+    @abstractmethod
+    def delete_meta(self, key: str) -> None:
+        """Delete a record; nothing happens if it isn't there."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def temp_beside(dest: Path) -> Path:
+    """A new empty temporary file next to `dest` (same file system, so it can be renamed onto it)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:100]}.", suffix=".dstack-tmp")
+    except OSError as e:
+        raise StorageError(f"can't write in {dest.parent}: {e.strerror or e}") from e
+    os.close(fd)
+    return Path(name)
+
+
+def parse_manifest(data: bytes, name: str) -> Manifest:
+    """A manifest from its stored JSON; ArtifactError if it is unreadable."""
+    try:
+        return Manifest.model_validate_json(data)
+    except ValueError as e:
+        raise ArtifactError(f"manifest {name!r} is corrupt: {str(e).splitlines()[0]}") from e
+
+
+class LocalObjectStore(ObjectStore):
+    """An object store in a local directory: objects/ab/cdef…, manifests/NAME.json, meta/KEY."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+        self.url = self.root.as_uri()
+        try:
+            for sub in ("objects", "manifests", "meta", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"can't create the artifact store at {self.root}: {e.strerror}") from e
+
+    def object_path(self, digest: str) -> Path:
+        """Where object `digest` lives (it may not exist)."""
+        check_digest(digest)
+        return self.root / "objects" / digest[:2] / digest[2:]
+
+    def has(self, digest: str) -> bool:
+        return self.object_path(digest).is_file()
+
+    def put_file(self, path: Path, digest: str) -> bool:
+        final = self.object_path(digest)
+        if final.is_file():
+            return False
+        tmp = self._tmp_name()
+        try:
+            shutil.copyfile(path, tmp)
+            actual = digest_file(tmp)
+            if actual != digest:
+                raise ArtifactError(
+                    f"{path} changed while it was being saved (digest {actual[:12]}, expected {digest[:12]})"
+                )
+            os.chmod(tmp, 0o444)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)  # same content if someone raced us: harmless
+        except OSError as e:
+            raise StorageError(f"can't store {path} in {self.root}: {e.strerror or e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def get_file(self, digest: str, dest: Path) -> None:
+        src = self.object_path(digest)
+        tmp = temp_beside(dest)
+        try:
+            _clone_or_copy(src, tmp)
+            actual = digest_file(tmp)
+            if actual != digest:
+                raise ArtifactError(
+                    f"object {digest} is corrupt (its content hashes to {actual[:12]}): {src}",
+                    hint="delete it and save the artifact again",
+                )
+            os.replace(tmp, dest)
+        except FileNotFoundError as e:
+            if not src.exists():
+                raise ArtifactError(f"object {digest} is missing from {self.root}") from e
+            raise StorageError(f"can't write {dest}: {e.strerror}") from e
+        except OSError as e:
+            raise StorageError(f"can't restore object {digest} to {dest}: {e.strerror or e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _manifest_path(self, name: str) -> Path:
+        return self.root / "manifests" / f"{check_name(name)}.json"
+
+    def put_manifest(self, name: str, manifest: Manifest) -> None:
+        final = self._manifest_path(name)
+        data = manifest.canonical_json().encode()
+        if final.exists():
+            if parse_manifest(final.read_bytes(), name).digest() != manifest.digest():
+                raise ArtifactError(f"manifest {name!r} already exists with different content")
+            return
+        tmp = self._tmp_name()
+        try:
+            tmp.write_bytes(data)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.link(tmp, final)  # fails rather than overwrites if someone wrote it meanwhile
+        except FileExistsError:
+            if parse_manifest(final.read_bytes(), name).digest() != manifest.digest():
+                raise ArtifactError(f"manifest {name!r} already exists with different content") from None
+        except OSError as e:
+            raise StorageError(f"can't store manifest {name!r} in {self.root}: {e.strerror or e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_manifest(self, name: str) -> Manifest:
+        try:
+            data = self._manifest_path(name).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"no manifest {name!r} in {self.url}") from None
+        return parse_manifest(data, name)
+
+    def _meta_path(self, key: str) -> Path:
+        return self.root / "meta" / check_name(key, "meta key")
+
+    def put_meta(self, key: str, data: bytes) -> None:
+        final = self._meta_path(key)
+        tmp = self._tmp_name()
+        try:
+            tmp.write_bytes(data)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            raise StorageError(f"can't write {key!r} in {self.root}: {e.strerror or e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_meta(self, key: str) -> bytes | None:
+        try:
+            return self._meta_path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def list_meta(self, prefix: str = "") -> list[str]:
+        base = self.root / "meta"
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            for f in files:
+                key = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete_meta(self, key: str) -> None:
+        self._meta_path(key).unlink(missing_ok=True)
+
+    def _tmp_name(self) -> Path:
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
+        os.close(fd)
+        return Path(name)
+
+
+def _clone_or_copy(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest`, as a reflink where the file system can (instant, no shared writes)."""
+    try:
+        import fcntl
+
+        with open(src, "rb") as s, open(dest, "wb") as d:
+            fcntl.ioctl(d.fileno(), 0x40049409, s.fileno())  # FICLONE
+        return
+    except (OSError, ImportError):
+        pass
+    shutil.copyfile(src, dest)
+
+
+def open_store(url: str, **options: Any) -> ObjectStore:
+    """The object store at `url`: a local path or file:// URL, or s3://bucket/prefix (options go to S3)."""
+    if url.startswith("s3://"):
+        from dstack.store.s3 import S3ObjectStore
+
+        return S3ObjectStore(url, **options)
+    if url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return LocalObjectStore(Path(unquote(urlparse(url).path)))
+    if "://" in url:
+        raise UsageError(f"unsupported artifact store URL {url!r}", hint="use a local path, file:// or s3://")
+    return LocalObjectStore(Path(url).expanduser())

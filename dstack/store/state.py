@@ -1,0 +1,381 @@
+"""The SQLite state: runs, jobs, artifacts, tags, hosts. All SQL of runs/jobs/tags lives here.
+
+WAL mode, schema versioned with numbered migrations (`PRAGMA user_version`), file mode 0600.
+Every multi-row change runs in one transaction; placement uses `BEGIN IMMEDIATE` so two
+`dstack run` processes never overbook a runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dstack.errors import NotFoundError, UsageError
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE runs (
+      id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, workflow TEXT NOT NULL, status TEXT NOT NULL,
+      project_root TEXT NOT NULL, repo_root TEXT NOT NULL, working_subdir TEXT NOT NULL DEFAULT '.',
+      remote_url TEXT, branch TEXT, commit_sha TEXT, diff TEXT, untracked TEXT, code_manifest TEXT,
+      variables TEXT NOT NULL DEFAULT '{}', args TEXT NOT NULL DEFAULT '[]', sweep TEXT, reproduce_of TEXT,
+      host_pin TEXT, force INTEGER NOT NULL DEFAULT 0, keep INTEGER NOT NULL DEFAULT 0,
+      orchestrator_pid INTEGER, orchestrator_start TEXT, reason TEXT,
+      created_at REAL NOT NULL, finished_at REAL);
+    CREATE INDEX runs_created ON runs(created_at);
+    CREATE TABLE jobs (
+      id TEXT PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs(id), workflow TEXT NOT NULL,
+      status TEXT NOT NULL, spec TEXT NOT NULL, key TEXT, upstream TEXT NOT NULL DEFAULT '[]',
+      reused_from TEXT, runner TEXT, reserved TEXT, attempt INTEGER NOT NULL DEFAULT 1,
+      exit_code INTEGER, reason TEXT, manifest TEXT, log_path TEXT,
+      created_at REAL NOT NULL, started_at REAL, finished_at REAL);
+    CREATE INDEX jobs_run ON jobs(run_id);
+    CREATE INDEX jobs_key ON jobs(key, status);
+    CREATE INDEX jobs_status ON jobs(status);
+    CREATE TABLE artifacts (
+      job_id TEXT NOT NULL REFERENCES jobs(id), path TEXT NOT NULL, size INTEGER NOT NULL,
+      mode INTEGER NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (job_id, path));
+    CREATE TABLE tags (
+      name TEXT PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs(id), created_at REAL NOT NULL);
+    CREATE TABLE hosts (name TEXT PRIMARY KEY, kind TEXT NOT NULL,
+      user TEXT, hostname TEXT, port INTEGER, identity_file TEXT, proxy_jump TEXT, address TEXT,
+      host_key TEXT, enabled INTEGER NOT NULL DEFAULT 1, status TEXT NOT NULL DEFAULT 'ready',
+      capacity TEXT, cloud TEXT, last_error TEXT, probed_at REAL, created_at REAL NOT NULL,
+      last_used_at REAL);
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+ACTIVE_JOB = ("pending", "waiting", "starting", "running")
+FINISHED_JOB = ("done", "failed", "stopped", "cancelled", "reused")
+ACTIVE_RUN = ("pending", "running", "stopping")
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    workflow: str
+    status: str
+    project_root: str
+    repo_root: str
+    working_subdir: str
+    remote_url: str | None
+    branch: str | None
+    commit_sha: str | None
+    diff: str | None
+    untracked: list[str]
+    code_manifest: str | None
+    variables: dict[str, str]
+    args: list[str]
+    sweep: str | None
+    reproduce_of: str | None
+    host_pin: str | None
+    force: bool
+    keep: bool
+    orchestrator_pid: int | None
+    orchestrator_start: str | None
+    reason: str | None
+    created_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Run:
+        d = dict(row)
+        d["untracked"] = json.loads(d["untracked"] or "[]")
+        d["variables"] = json.loads(d["variables"] or "{}")
+        d["args"] = json.loads(d["args"] or "[]")
+        d["force"] = bool(d["force"])
+        d["keep"] = bool(d["keep"])
+        return cls(**d)
+
+
+@dataclass
+class Job:
+    id: str
+    run_id: str
+    workflow: str
+    status: str
+    spec: dict[str, Any]
+    key: str | None
+    upstream: list[str]
+    reused_from: str | None
+    runner: str | None
+    reserved: dict[str, Any] | None
+    attempt: int
+    exit_code: int | None
+    reason: str | None
+    manifest: str | None
+    log_path: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    run_name: str = ""
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d["spec"] = json.loads(d["spec"])
+        d["upstream"] = json.loads(d["upstream"] or "[]")
+        d["reserved"] = json.loads(d["reserved"]) if d["reserved"] else None
+        d.setdefault("run_name", "")
+        return cls(**d)
+
+
+@dataclass
+class ArtifactRow:
+    job_id: str
+    path: str
+    size: int
+    mode: int
+    digest: str
+
+
+@dataclass
+class Tag:
+    name: str
+    run_id: str
+    run_name: str
+    created_at: float
+    workflows: list[str] = field(default_factory=list)
+
+
+class State:
+    """A connection to the state database with typed reads and writes."""
+
+    def __init__(self, path: Path) -> None:
+        new = not path.exists()
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        if new:
+            os.chmod(path, 0o600)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= len(MIGRATIONS):
+            return
+        with self.transaction():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT: one writer at a time across processes."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- runs ---------------------------------------------------------------------------------------
+    def insert_run(self, run: Run, jobs: list[Job]) -> None:
+        with self.transaction() as db:
+            d = dict(run.__dict__)
+            d["untracked"] = json.dumps(d["untracked"])
+            d["variables"] = json.dumps(d["variables"])
+            d["args"] = json.dumps(d["args"])
+            cols = ",".join(d)
+            db.execute(f"INSERT INTO runs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
+            for job in jobs:
+                self._insert_job(db, job)
+
+    def _insert_job(self, db: sqlite3.Connection, job: Job) -> None:
+        d = dict(job.__dict__)
+        d.pop("run_name", None)
+        d["spec"] = json.dumps(d["spec"])
+        d["upstream"] = json.dumps(d["upstream"])
+        d["reserved"] = json.dumps(d["reserved"]) if d["reserved"] is not None else None
+        cols = ",".join(d)
+        db.execute(f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
+
+    def run(self, ref: str) -> Run:
+        """A run by id, name or unique prefix of its name."""
+        row = self.db.execute("SELECT * FROM runs WHERE id = ? OR name = ?", (ref, ref)).fetchone()
+        if row is None:
+            rows = self.db.execute(
+                "SELECT * FROM runs WHERE name LIKE ? ESCAPE '\\' ORDER BY created_at DESC LIMIT 6",
+                (ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",),
+            ).fetchall()
+            if len(rows) > 1:
+                names = ", ".join(r["name"] for r in rows[:5])
+                raise UsageError(f"run prefix '{ref}' matches several runs ({names}) — give more of the name")
+            row = rows[0] if rows else None
+        if row is None:
+            raise NotFoundError(f"no run named '{ref}' — see `dstack runs` for the names")
+        return Run.from_row(row)
+
+    def runs(self, limit: int | None = None, workflow: str | None = None, sweep: str | None = None,
+             active_only: bool = False) -> list[Run]:
+        sql, params = "SELECT * FROM runs WHERE 1=1", []  # type: tuple[str, list[Any]]
+        if workflow:
+            sql += " AND workflow = ?"
+            params.append(workflow)
+        if sweep:
+            sql += " AND sweep = ?"
+            params.append(sweep)
+        if active_only:
+            sql += f" AND status IN {ACTIVE_RUN}"
+        sql += " ORDER BY created_at DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [Run.from_row(r) for r in self.db.execute(sql, params)]
+
+    def set_run(self, run_id: str, **fields: Any) -> None:
+        sets = ",".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
+
+    def claim_orchestrator(self, run_id: str, pid: int, start: str | None,
+                           expect_pid: int | None) -> bool:
+        """Become the run's orchestrator if it has none (or the one we expect is gone)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT orchestrator_pid FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None or row[0] not in (None, expect_pid):
+                return False
+            db.execute("UPDATE runs SET orchestrator_pid = ?, orchestrator_start = ? WHERE id = ?",
+                       (pid, start, run_id))
+            return True
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def jobs(self, run_id: str | None = None, statuses: tuple[str, ...] | None = None) -> list[Job]:
+        sql = "SELECT jobs.*, runs.name AS run_name FROM jobs JOIN runs ON runs.id = jobs.run_id WHERE 1=1"
+        params: list[Any] = []
+        if run_id:
+            sql += " AND run_id = ?"
+            params.append(run_id)
+        if statuses:
+            sql += f" AND jobs.status IN ({','.join('?' * len(statuses))})"
+            params.extend(statuses)
+        sql += " ORDER BY jobs.created_at, jobs.rowid"
+        return [Job.from_row(r) for r in self.db.execute(sql, params)]
+
+    def job(self, job_id: str) -> Job:
+        row = self.db.execute(
+            "SELECT jobs.*, runs.name AS run_name FROM jobs JOIN runs ON runs.id = jobs.run_id "
+            "WHERE jobs.id = ? OR jobs.id LIKE ?", (job_id, job_id + "%")).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job '{job_id}' — see `dstack jobs`")
+        return Job.from_row(row)
+
+    def set_job(self, job_id: str, **fields: Any) -> None:
+        if "reserved" in fields and fields["reserved"] is not None:
+            fields["reserved"] = json.dumps(fields["reserved"])
+        sets = ",".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
+
+    def transition(self, job_id: str, from_statuses: tuple[str, ...], **fields: Any) -> bool:
+        """Update a job only if it is still in one of `from_statuses` (so a stop is never overwritten)."""
+        if "reserved" in fields and fields["reserved"] is not None:
+            fields["reserved"] = json.dumps(fields["reserved"])
+        sets = ",".join(f"{k} = ?" for k in fields)
+        marks = ",".join("?" * len(from_statuses))
+        cur = self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
+                              [*fields.values(), job_id, *from_statuses])
+        return cur.rowcount > 0
+
+    def reusable_job(self, key: str) -> Job | None:
+        """The latest successful job with this key (a reused job points at the original)."""
+        row = self.db.execute(
+            "SELECT jobs.*, runs.name AS run_name FROM jobs JOIN runs ON runs.id = jobs.run_id "
+            "WHERE key = ? AND jobs.status = 'done' AND manifest IS NOT NULL "
+            "ORDER BY finished_at DESC LIMIT 1", (key,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def reservations(self, runner: str) -> list[dict[str, Any]]:
+        """What active jobs hold on a runner right now (call inside a transaction)."""
+        rows = self.db.execute(
+            "SELECT reserved FROM jobs WHERE runner = ? AND status IN ('starting', 'running') "
+            "AND reserved IS NOT NULL", (runner,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # -- artifacts ----------------------------------------------------------------------------------
+    def save_artifact_rows(self, job_id: str, rows: list[ArtifactRow], manifest_name: str,
+                           **job_fields: Any) -> None:
+        """Record a finished job's artifacts and its final status in one transaction."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
+            db.executemany("INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                           [(job_id, r.path, r.size, r.mode, r.digest) for r in rows])
+            fields = {"manifest": manifest_name, **job_fields}
+            sets = ",".join(f"{k} = ?" for k in fields)
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
+
+    def artifact_rows(self, job_id: str) -> list[ArtifactRow]:
+        rows = self.db.execute("SELECT * FROM artifacts WHERE job_id = ? ORDER BY path", (job_id,))
+        return [ArtifactRow(**dict(r)) for r in rows]
+
+    # -- tags ---------------------------------------------------------------------------------------
+    def add_tag(self, name: str, run_id: str, replace: bool = False) -> None:
+        with self.transaction() as db:
+            exists = db.execute("SELECT 1 FROM tags WHERE name = ?", (name,)).fetchone()
+            if exists and not replace:
+                raise UsageError(f"tag '{name}' exists — delete it first (`dstack tags delete {name}`)"
+                                 " or pass --force to move it")
+            db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (name, run_id, time.time()))
+
+    def tag(self, name: str) -> Tag | None:
+        row = self.db.execute(
+            "SELECT tags.name, run_id, runs.name AS run_name, tags.created_at FROM tags "
+            "JOIN runs ON runs.id = tags.run_id WHERE tags.name = ?", (name,)).fetchone()
+        return Tag(**dict(row)) if row else None
+
+    def tags(self) -> list[Tag]:
+        rows = self.db.execute(
+            "SELECT tags.name, run_id, runs.name AS run_name, tags.created_at FROM tags "
+            "JOIN runs ON runs.id = tags.run_id ORDER BY tags.created_at DESC").fetchall()
+        result = []
+        for r in rows:
+            tag = Tag(**dict(r))
+            tag.workflows = [w[0] for w in self.db.execute(
+                "SELECT DISTINCT workflow FROM jobs WHERE run_id = ?", (tag.run_id,))]
+            result.append(tag)
+        return result
+
+    def delete_tag(self, name: str) -> None:
+        if self.db.execute("DELETE FROM tags WHERE name = ?", (name,)).rowcount == 0:
+            raise NotFoundError(f"no tag named '{name}' — see `dstack tags list`")
+
+    # -- settings -----------------------------------------------------------------------------------
+    def setting(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM settings WHERE key = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+
+def open_state() -> State:
+    """Open (creating and migrating) `$DSTACK_HOME/state.sqlite`."""
+    from dstack.home import home
+
+    return State(home() / "state.sqlite")

@@ -1,0 +1,237 @@
+"""Pydantic models of `.dstack/` files as written (raw forms) and of a workflow once normalized."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from dstack.specs import ArtifactSpec, DependencySpec, PortsSpec, Resources, RetrySpec
+from dstack.workflows.yamlfile import scalar_text
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bool | int | float):
+        return scalar_text(value)
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_text)]
+"""A string field that also takes numbers and booleans as written (`version: 3.10` is "3.10")."""
+
+_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+_STRINGS: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_VERSION: dict[str, Any] = {
+    "anyOf": [
+        {"type": ["string", "number"]},
+        {"type": "object", "properties": {"type": {"type": "string"}, "default": {"type": ["string", "number"]}}},
+    ]
+}
+_GPU: dict[str, Any] = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string"},
+        {
+            "type": "object",
+            "properties": {
+                "count": {"type": "integer"},
+                "name": {"type": "string"},
+                "memory": {"type": ["string", "integer"]},
+            },
+            "additionalProperties": False,
+        },
+    ]
+}
+_DEP_ITEM: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "description": "workflow, workflow:tag or :tag"},
+        {"type": "object", "properties": {"workflow": {"type": "string"}, "tag": {"type": "string"}}},
+        {"type": "object", "description": "workflow: tag", "maxProperties": 1},
+    ]
+}
+_DEPS: dict[str, Any] = {
+    "anyOf": [
+        {"type": "array", "items": _DEP_ITEM},
+        {
+            "type": "object",
+            "properties": {
+                "repo": {
+                    "type": "object",
+                    "properties": {"include": {"type": "array", "items": {"type": "string"}}},
+                },
+                "workflows": {"type": "array", "items": _DEP_ITEM},
+            },
+            "additionalProperties": False,
+        },
+    ]
+}
+_ENV: dict[str, Any] = {
+    "anyOf": [
+        {"type": "object", "additionalProperties": _SCALAR},
+        {"type": "array", "items": {"type": "string", "description": "KEY=VALUE, or KEY to pass yours"}},
+    ]
+}
+_ARTIFACTS: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "anyOf": [
+            {"type": "string"},
+            {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "real-time": {"type": "boolean"},
+                    "mount": {"type": "boolean"},
+                },
+                "required": ["path"],
+            },
+        ]
+    },
+}
+_PORTS: dict[str, Any] = {
+    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "array", "items": {"type": "integer"}}]
+}
+_RETRY: dict[str, Any] = {
+    "anyOf": [
+        {"type": "boolean"},
+        {"type": "integer", "minimum": 0},
+        {
+            "type": "object",
+            "properties": {
+                "limit": {"type": "integer"},
+                "on": {"type": "array", "items": {"enum": ["error", "interruption", "host-lost"]}},
+            },
+        },
+    ]
+}
+
+
+def _any(schema: dict[str, Any]) -> Any:
+    return Annotated[Any, WithJsonSchema(schema)]
+
+
+class _Raw(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+
+class RawResources(_Raw):
+    """`resources:` as written; `v100/gpu: 2` and `GPU:` are rewritten before validation."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"patternProperties": {"^[A-Za-z0-9_-]+/gpu$": {"type": "integer"}}},
+    )
+
+    cpu: float | None = None
+    memory: Text | None = Field(None, description="64GB, 512MB, 1.5GiB; a bare number is MiB")
+    gpu: _any(_GPU) = None
+    shm_size: Text | None = None
+    disk: Text | None = None
+    interruptible: bool | None = None
+    local: bool | None = Field(None, description="pin the job to this machine")
+    remote: bool | None = None
+    nodes: int | None = None
+
+
+class RawWorkflow(_Raw):
+    """One item of `workflows:` as written by researchers, 2021–2023."""
+
+    name: Text
+    help: Text | None = None
+    provider: _any({"type": "string"}) = None
+    template: _any({"anyOf": [{"type": "string"}, {"type": "object"}]}) = None
+    image: Text | None = None
+    image_name: Text | None = None
+    commands: _any(_STRINGS) = None
+    working_dir: Text | None = None
+    environment: _any(_ENV) = None
+    env: _any(_ENV) = None
+    artifacts: _any(_ARTIFACTS) = None
+    depends_on: _any(_DEPS) = Field(None, alias="depends-on")
+    deps: _any(_DEPS) = None
+    resources: RawResources | None = None
+    gpu: _any(_GPU) = None
+    nodes: int | None = None
+    ports: _any(_PORTS) = None
+    retry: _any(_RETRY) = None
+    # python, torchrun
+    file: Text | None = None
+    script: Text | None = None
+    python_script: Text | None = None
+    args: _any(_STRINGS) = None
+    requirements: Text | None = None
+    version: _any(_VERSION) = None
+    python: _any(_VERSION) = None
+    # curl
+    url: Text | None = None
+    output: Text | None = None
+    # streamlit, fastapi
+    target: Text | None = None
+    app: Text | None = None
+    triggers: _any({"type": "array"}) = None
+
+
+class WorkflowsFile(_Raw):
+    """`.dstack/workflows.yaml` (or one of `.dstack/workflows/*.yaml`)."""
+
+    model_config = ConfigDict(extra="forbid", title="dstack workflows.yaml")
+
+    workflows: list[RawWorkflow] = Field(default_factory=list)
+    templates: list[dict[str, Any]] | None = Field(None, description="named field sets for `template:`")
+
+
+def field_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a raw model accepts, as written in YAML."""
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+class ProjectSettings(BaseModel):
+    """`.dstack/config.yaml`: this repo's default artifact store and cloud region."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str | None = None
+    bucket: str | None = None
+    region: str | None = None
+
+
+class CustomProviderDef(BaseModel):
+    """A provider defined in `.dstack/providers.yaml`: a Docker image and commands."""
+
+    name: str
+    image: str | None = None
+    commands: list[str] = Field(default_factory=list)
+    file: str
+    line: int
+
+
+class Workflow(BaseModel):
+    """A workflow once read: every form normalized, variables substituted; what a provider consumes."""
+
+    name: str
+    file: str
+    line: int
+    provider: str = "bash"
+    help: str | None = None
+    image: str | None = None
+    commands: list[str] = Field(default_factory=list)  # shell lines, values already quoted
+    working_dir: str = "."
+    env: dict[str, str] = Field(default_factory=dict)
+    passthrough_env: list[str] = Field(default_factory=list)
+    artifacts: list[ArtifactSpec] = Field(default_factory=list)
+    depends_on: list[DependencySpec] = Field(default_factory=list)
+    repo_include: list[str] | None = None
+    resources: Resources = Field(default_factory=Resources)
+    ports: PortsSpec = Field(default_factory=PortsSpec)
+    retry: RetrySpec | None = None
+    python_version: str | None = None
+    requirements: str | None = None
+    script: str | None = None
+    args: str = ""  # a shell fragment, values already quoted
+    url: str | None = None
+    output: str | None = None
+    target: str | None = None
+    app: str | None = None
+    triggers: list[Any] | None = None
+    variables: dict[str, str] = Field(default_factory=dict)
+    notices: list[str] = Field(default_factory=list)

