@@ -173,10 +173,16 @@ def start_orchestrator(state: State, run: Run) -> None:
     expect = run.orchestrator_pid
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)
-        return
+    with state.closed_for_fork():
+        pid = os.fork()
+        if pid:
+            os.waitpid(pid, 0)
+            return
+        _orchestrator_child(run.id, log, expect)
+
+
+def _orchestrator_child(run_id: str, log: Path, expect: int | None) -> None:
+    """The forked child: detach, send output to the run's orchestrator log, drive the run, exit."""
     try:  # first child
         os.setsid()
         if os.fork():
@@ -186,9 +192,11 @@ def start_orchestrator(state: State, run: Run) -> None:
         os.dup2(null, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)  # noqa: SIM115
+        sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)  # noqa: SIM115
         code = 0
         try:
-            orchestrate(run.id, expect)
+            orchestrate(run_id, expect)
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -329,8 +337,10 @@ class Orchestrator:
             return
         log_path = getattr(runner, "log_path", None)
         local_log = str(log_path(job.id)) if log_path else str(self._mirror_path(job.id))
-        self.state.transition(job.id, ("starting",), status="running", started_at=time.time(),
-                              reason=None, log_path=local_log)
+        if not self.state.transition(job.id, ("starting",), status="running", started_at=time.time(),
+                                     reason=None, log_path=local_log):
+            runner.stop_job(job.id)  # stopped while it was starting
+            runner.cleanup_job(job.id, keep=self.run.keep)
 
     def _mirror_path(self, job_id: str) -> Path:
         from dstack.home import sub

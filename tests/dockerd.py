@@ -2,7 +2,8 @@
 
 `docker_engine` uses a running engine (DOCKER_HOST, then /var/run/docker.sock) or starts `dockerd` as root
 with its own data and exec roots under /tmp and its own socket, exported as DOCKER_HOST for the session.
-Sessions share that daemon through a lock file; the last one out stops it (DSTACK_TEST_KEEP_DOCKERD=1 keeps it).
+Sessions share that daemon through a lock file; the last one out stops it
+(DSTACK_TEST_KEEP_DOCKERD=1 keeps it).
 Images are `docker import`s of root filesystems made from this host's own binaries, so nothing is pulled:
 `busybox_image` (static busybox, plus bash when the host has it) and `python_image` (this interpreter and its
 standard library, no site-packages). Both are rebuilt only when their inputs change.
@@ -45,19 +46,26 @@ class EngineUnavailable(Exception):
 
 
 def _answers(url: str) -> bool:
-    """Whether a Docker engine answers a ping at `url`."""
-    import docker
+    """Whether an engine answers `GET /_ping` at `url` (a raw socket: docker-py leaks one on failure)."""
+    import socket
 
-    try:
-        client = docker.DockerClient(base_url=url, timeout=5)
-    except Exception:
+    if url.startswith("unix://"):
+        family, address = socket.AF_UNIX, url[len("unix://") :]
+        if not os.path.exists(address):
+            return False
+    elif url.startswith(("tcp://", "http://")):
+        host, _, port = url.split("://", 1)[1].rstrip("/").rpartition(":")
+        family, address = socket.AF_INET, (host, int(port))  # type: ignore[assignment]
+    else:
         return False
     try:
-        return bool(client.ping())
-    except Exception:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return sock.recv(64).startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
+    except OSError:
         return False
-    finally:
-        client.close()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -84,12 +92,14 @@ def _log_tail(log: Path, lines: int = 6) -> str:
 
 
 def _start_dockerd() -> None:
-    """Start our own dockerd on OWN_SOCKET (detached) and wait until it answers; EngineUnavailable if it can't."""
+    """Start our own dockerd on OWN_SOCKET (detached) and wait until it answers, or EngineUnavailable."""
     if os.geteuid() != 0:
         raise EngineUnavailable("no Docker engine running and starting dockerd needs root")
     dockerd = shutil.which("dockerd")
     if dockerd is None:
-        raise EngineUnavailable("no Docker engine running and no `dockerd` on PATH (apt-get install docker.io)")
+        raise EngineUnavailable(
+            "no Docker engine running and no `dockerd` on PATH (apt-get install docker.io)"
+        )
     pidfile = STATE_DIR / "dockerd.pid"
     log = STATE_DIR / "dockerd.log"
     reasons = []
@@ -352,7 +362,10 @@ def _import_image(client: docker.DockerClient, fs: RootFs, tag: str, changes: li
         fs.write_tar(tar_path)
         repository, _, version = tag.partition(":")
         client.api.import_image_from_file(
-            str(tar_path), repository=repository, tag=version or "latest", changes=[*changes, f"LABEL {KEY_LABEL}={key}"]
+            str(tar_path),
+            repository=repository,
+            tag=version or "latest",
+            changes=[*changes, f"LABEL {KEY_LABEL}={key}"],
         )
     finally:
         tar_path.unlink(missing_ok=True)
@@ -361,7 +374,12 @@ def _import_image(client: docker.DockerClient, fs: RootFs, tag: str, changes: li
     return tag
 
 
-_BASE_CHANGES = ["ENV PATH=/usr/local/bin:/usr/bin:/bin", "ENV LANG=C.UTF-8", "WORKDIR /root", 'CMD ["/bin/sh"]']
+_BASE_CHANGES = [
+    "ENV PATH=/usr/local/bin:/usr/bin:/bin",
+    "ENV LANG=C.UTF-8",
+    "WORKDIR /root",
+    'CMD ["/bin/sh"]',
+]
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ class Result:
 
     def describe(self, args: tuple[str, ...] | list[str]) -> str:
         """A readable account of the invocation for assertion messages."""
-        return f"`dstack {' '.join(args)}` exited with {self.code}\n--- stdout ---\n{self.out}\n--- stderr ---\n{self.err}"
+        streams = f"--- stdout ---\n{self.out}\n--- stderr ---\n{self.err}"
+        return f"`dstack {' '.join(args)}` exited with {self.code}\n{streams}"
 
 
 def write(repo: Path, path: str, text: str) -> Path:
@@ -104,7 +105,8 @@ def dstack(
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         pytest.fail(
-            f"`dstack {' '.join(args)}` did not finish in {timeout}s\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+            f"`dstack {' '.join(args)}` did not finish in {timeout}s\n"
+            f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
         )
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     if check and result.code != 0:

@@ -23,8 +23,12 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
 def _keygen(path: Path, kind: str = "ed25519") -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "dstack-test", "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "dstack-test", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return path
 
 
@@ -193,8 +197,8 @@ class SSHDFactory:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
-@pytest.fixture(scope="session")
-def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+@pytest.fixture(scope="session", name="ssh_keys")
+def ssh_keys_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Private keys generated for this session: `client` (authorized on every server) and `stranger` (not)."""
     if not shutil.which("ssh-keygen") or not Path(SSHD).exists():
         pytest.skip("openssh-server is not installed (apt-get install -y openssh-server)")
@@ -202,28 +206,27 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"client": _keygen(base / "client"), "stranger": _keygen(base / "stranger")}
 
 
-@pytest.fixture(scope="session")
-def sshd_factory(tmp_path_factory: pytest.TempPathFactory, ssh_keys: dict[str, Path]) -> Iterator[SSHDFactory]:
+@pytest.fixture(scope="session", name="sshd_factory")
+def sshd_factory_fixture(
+    tmp_path_factory: pytest.TempPathFactory, ssh_keys: dict[str, Path]
+) -> Iterator[SSHDFactory]:
     """Make more sshd servers (loopback or namespaced); all are stopped at the end of the session."""
     factory = SSHDFactory(tmp_path_factory.mktemp("sshd"), ssh_keys["client"])
     yield factory
     factory.close()
 
 
-@pytest.fixture(scope="session")
-def sshd(sshd_factory: SSHDFactory) -> SSHServer:
+@pytest.fixture(scope="session", name="sshd")
+def sshd_fixture(sshd_factory: SSHDFactory) -> SSHServer:
     """One sshd on a loopback port, shared by the session."""
     return sshd_factory.loopback()
 
 
-@pytest.fixture
-def dstack_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh $DSTACK_HOME (pinned keys, state) for one test; its SSH connections are closed after it."""
+@pytest.fixture(name="ssh_pool")
+def ssh_pool_fixture() -> Iterator[None]:
+    """Start a test with no pooled SSH connections and close the ones it opened (no leaked sockets)."""
     from dstack.ssh.connection import close_all
 
-    home = tmp_path / "dstack-home"
-    home.mkdir()
-    monkeypatch.setenv("DSTACK_HOME", str(home))
     close_all()
-    yield home
+    yield
     close_all()

@@ -93,8 +93,10 @@ class Runner(ABC):
         """End the job's whole process tree."""
 
     @abstractmethod
-    def collect_artifacts(self, job_id: str, spec: JobSpec, store: ObjectStore) -> tuple[Manifest, list[str]]:
-        """Save the job's declared artifacts into the store; return the manifest and the missing paths."""
+    def collect_artifacts(self, job_id: str, spec: JobSpec, store: ObjectStore,
+                          working_subdir: str = ".") -> tuple[Manifest, list[str]]:
+        """Save the job's declared artifacts (relative to work/<working_subdir>/<spec.working_dir>) into the
+        store; return the manifest and the declared paths that were missing."""
 
     @abstractmethod
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:

@@ -83,6 +83,7 @@ class LocalRunner(Runner):
 
         self.root = root or sub("jobs")
         self.venvs = sub("venvs")
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}  # reaped here so no zombie is left
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -117,9 +118,9 @@ class LocalRunner(Runner):
             f.write(render_env(job_env(ctx, passthrough)))
         (jd / "job.sh").write_text(render_job(ctx, str(jd), str(self.venvs), requirements_digest(ctx)))
         (jd / "run.sh").write_text(RUN_SH)
-        subprocess.Popen(["bash", str(jd / "run.sh")], cwd=jd, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                         close_fds=True)
+        self._procs[ctx.job_id] = subprocess.Popen(
+            ["bash", str(jd / "run.sh")], cwd=jd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         # the wrapper writes its pid at once; wait briefly so poll_job never sees a job with no pid
         deadline = time.monotonic() + 5
         while not (jd / "pid").exists() and time.monotonic() < deadline:
@@ -127,6 +128,9 @@ class LocalRunner(Runner):
 
     def poll_job(self, job_id: str) -> JobState:
         jd = self.job_dir(job_id)
+        proc = self._procs.get(job_id)
+        if proc is not None and proc.poll() is not None:
+            del self._procs[job_id]
         exit_file = jd / "exit"
         if exit_file.exists():
             return JobState("exited", exit_code=int(exit_file.read_text().strip() or 1))

@@ -109,9 +109,11 @@ def unpin_key(target: SSHTarget) -> bool:
 
 
 def _drop(keys: paramiko.HostKeys, name: str) -> bool:
-    before = len(keys._entries)
-    keys._entries = [e for e in keys._entries if name not in e.hostnames]
-    return len(keys._entries) != before
+    found = False
+    while keys.lookup(name) is not None:
+        del keys[name]
+        found = True
+    return found
 
 
 def _save(keys: paramiko.HostKeys, path: Path) -> None:
@@ -164,21 +166,32 @@ class Connection:
                 )
             except (paramiko.SSHException, OSError) as exc:
                 raise HostError(
-                    f"cannot reach {self.name} at {target.describe()} through {target.proxy_jump}: {_why(exc)}",
+                    f"cannot reach {self.name} at {target.describe()} through {target.proxy_jump}:"
+                    f" {_why(exc)}",
                     hint="check the host name and port as the jump host sees them",
                 ) from exc
+        else:
+            try:
+                sock = socket.create_connection((target.hostname, target.port), timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                raise HostError(
+                    f"cannot reach {self.name} at {target.describe()}: {_why(exc)}",
+                    hint="check that the host is up, the port is right and sshd runs there",
+                ) from exc
+            # small SSH packets (channel opens, polls) must not wait for delayed ACKs
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = paramiko.SSHClient()
         path = known_hosts_path()
         if path.exists():
             client.get_host_keys().load(str(path))
         policy = _PinPolicy(self.name, target, accept)
-        client.set_missing_host_key_policy(policy)
+        client.set_missing_host_key_policy(policy)  # type: ignore[arg-type]
         try:
             client.connect(
                 target.hostname,
                 port=target.port,
                 username=target.user,
-                key_filename=list(target.identity_files) or None,
+                key_filename=list(target.identity_files) or None,  # type: ignore[arg-type]
                 timeout=CONNECT_TIMEOUT,
                 banner_timeout=CONNECT_TIMEOUT,
                 auth_timeout=CONNECT_TIMEOUT,
@@ -195,8 +208,8 @@ class Connection:
             client.close()
             self._close_jump()
             raise HostError(
-                f"host key of {self.name} ({target.describe()}) has changed: pinned {fingerprint(exc.expected_key)},"
-                f" now {fingerprint(exc.key)}; refusing to connect",
+                f"host key of {self.name} ({target.describe()}) has changed: pinned"
+                f" {fingerprint(exc.expected_key)}, now {fingerprint(exc.key)}; refusing to connect",
                 hint=f"if the host was reinstalled, re-pin it: `dstack hosts remove {self.name}` then"
                 f" `dstack hosts add {_address(target)} --name {self.name}`",
             ) from exc
@@ -275,9 +288,14 @@ class Connection:
         ) from exc
 
     def run(
-        self, command: str, *, input: bytes | str | None = None, timeout: float = COMMAND_TIMEOUT, check: bool = True
+        self,
+        command: str,
+        *,
+        input: bytes | str | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+        check: bool = True,
     ) -> Result:
-        """Run `command` with bash on the host; raise RemoteCommandError when it exits non-zero and `check`."""
+        """Run `command` with bash on the host; RemoteCommandError if it exits non-zero and `check`."""
         data = input.encode() if isinstance(input, str) else input
         chan = self._session(timeout)
         out: list[bytes] = []
@@ -311,12 +329,16 @@ class Connection:
                 raise AssertionError from exc
         finally:
             chan.close()
-        result = Result(command, code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace"))
+        result = Result(
+            command, code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+        )
         if check and code != 0:
             raise RemoteCommandError(self.name, command, code, result.stdout + result.stderr)
         return result
 
-    def run_with_writer(self, command: str, write: Callable[[IO[bytes]], None], *, timeout: float = 300) -> Result:
+    def run_with_writer(
+        self, command: str, write: Callable[[IO[bytes]], None], *, timeout: float = 300
+    ) -> Result:
         """Run `command` and stream what `write(stdin)` writes into its stdin (e.g. a tar stream)."""
         chan = self._session(timeout)
         try:
@@ -324,7 +346,7 @@ class Connection:
                 chan.set_combine_stderr(True)
                 chan.exec_command(_bash(command))
                 stdin = chan.makefile_stdin("wb")
-                write(stdin)
+                write(stdin)  # type: ignore[arg-type]
                 stdin.flush()
                 stdin.close()
                 chan.shutdown_write()
@@ -340,7 +362,9 @@ class Connection:
             raise RemoteCommandError(self.name, command, code, text)
         return Result(command, code, text, "")
 
-    def run_with_reader(self, command: str, read: Callable[[IO[bytes]], None], *, timeout: float = 300) -> Result:
+    def run_with_reader(
+        self, command: str, read: Callable[[IO[bytes]], None], *, timeout: float = 300
+    ) -> Result:
         """Run `command` and hand its stdout to `read` as a stream (e.g. a tar stream); stderr is kept."""
         chan = self._session(timeout)
         try:
@@ -348,10 +372,12 @@ class Connection:
                 chan.exec_command(_bash(command))
                 chan.shutdown_write()
                 stderr: list[bytes] = []
-                drain = threading.Thread(target=lambda: stderr.append(chan.makefile_stderr("rb").read()), daemon=True)
+                drain = threading.Thread(
+                    target=lambda: stderr.append(chan.makefile_stderr("rb").read()), daemon=True
+                )
                 drain.start()
                 stdout = chan.makefile("rb")
-                read(stdout)
+                read(stdout)  # type: ignore[arg-type]
                 stdout.read()  # whatever `read` left
                 drain.join(timeout)
                 code = chan.recv_exit_status()
@@ -379,10 +405,12 @@ class Connection:
                 except (paramiko.SSHException, OSError, EOFError) as exc:
                     self._lost(exc)
                 assert self._sftp is not None
-                self._sftp.get_channel().settimeout(COMMAND_TIMEOUT)
+                channel = self._sftp.get_channel()
+                if channel is not None:
+                    channel.settimeout(COMMAND_TIMEOUT)
             try:
                 yield self._sftp
-            except (socket.timeout, EOFError) as exc:
+            except (TimeoutError, EOFError) as exc:
                 self._sftp = None
                 self._lost(exc)
             except paramiko.SSHException as exc:
@@ -420,7 +448,8 @@ class _PinPolicy:
 def _bash(command: str) -> str:
     import shlex
 
-    return f"bash -c {shlex.quote(command)}"
+    # the login shell has read the user's rc files already; reading them again costs every command
+    return f"bash --norc --noprofile -c {shlex.quote(command)}"
 
 
 def _address(target: SSHTarget) -> str:
@@ -449,7 +478,9 @@ _POOL: dict[str, Connection] = {}
 _POOL_LOCK = threading.RLock()
 
 
-def get_connection(target: SSHTarget, *, name: str | None = None, accept: AcceptKey | None = None) -> Connection:
+def get_connection(
+    target: SSHTarget, *, name: str | None = None, accept: AcceptKey | None = None
+) -> Connection:
     """The process's connection to `target`, opened (and pinned, see `accept`) if there is none alive."""
     with _POOL_LOCK:
         conn = _POOL.get(target.key)

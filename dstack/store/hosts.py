@@ -11,8 +11,23 @@ from typing import Any
 from dstack.backends.base import Capacity, GpuInfo
 
 _COLUMNS = (
-    "name", "kind", "user", "hostname", "port", "identity_file", "proxy_jump", "address", "host_key",
-    "enabled", "status", "capacity", "cloud", "last_error", "probed_at", "created_at", "last_used_at",
+    "name",
+    "kind",
+    "user",
+    "hostname",
+    "port",
+    "identity_file",
+    "proxy_jump",
+    "address",
+    "host_key",
+    "enabled",
+    "status",
+    "capacity",
+    "cloud",
+    "last_error",
+    "probed_at",
+    "created_at",
+    "last_used_at",
 )
 
 
@@ -56,7 +71,7 @@ def capacity_from_json(text: str | None) -> Capacity | None:
 
 
 def _from_row(row: sqlite3.Row | tuple) -> Host:
-    values = dict(zip(_COLUMNS, tuple(row)))
+    values = dict(zip(_COLUMNS, tuple(row), strict=True))
     values["enabled"] = bool(values["enabled"])
     values["capacity"] = capacity_from_json(values["capacity"])
     values["cloud"] = json.loads(values["cloud"]) if values["cloud"] else None
@@ -110,8 +125,13 @@ def delete_host(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("DELETE FROM hosts WHERE name = ?", (name,)).rowcount == 1
 
 
-def save_probe(db: sqlite3.Connection, name: str, capacity: Capacity, host_key: str | None = None,
-               when: float | None = None) -> None:
+def save_probe(
+    db: sqlite3.Connection,
+    name: str,
+    capacity: Capacity,
+    host_key: str | None = None,
+    when: float | None = None,
+) -> None:
     """Record what a probe found; the host becomes ready (unless disabled) and its error is cleared."""
     db.execute(
         "UPDATE hosts SET capacity = ?, probed_at = ?, last_error = NULL, host_key = COALESCE(?, host_key),"
@@ -133,7 +153,8 @@ def set_enabled(db: sqlite3.Connection, name: str, enabled: bool) -> bool:
     """Turn a host on or off for placement; whether it exists."""
     cur = db.execute(
         "UPDATE hosts SET enabled = ?, status = CASE WHEN ? THEN"
-        " (CASE WHEN last_error IS NULL THEN 'ready' ELSE 'unreachable' END) ELSE 'disabled' END WHERE name = ?",
+        " (CASE WHEN last_error IS NULL THEN 'ready' ELSE 'unreachable' END) ELSE 'disabled' END"
+        " WHERE name = ?",
         (int(enabled), int(enabled), name),
     )
     return cur.rowcount == 1

@@ -152,19 +152,32 @@ class State:
     """A connection to the state database with typed reads and writes."""
 
     def __init__(self, path: Path) -> None:
-        new = not path.exists()
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        if new:
-            os.chmod(path, 0o600)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db = self._connect()
         self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        new = not self.path.exists()
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        if new:
+            os.chmod(self.path, 0o600)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def closed_for_fork(self) -> Iterator[None]:
+        """Close the connection around a fork (SQLite connections must never cross one), then reopen."""
+        self.db.close()
+        try:
+            yield
+        finally:
+            self.db = self._connect()
 
     def __enter__(self) -> State:
         return self

@@ -24,7 +24,10 @@ _STRINGS: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "array", "ite
 _VERSION: dict[str, Any] = {
     "anyOf": [
         {"type": ["string", "number"]},
-        {"type": "object", "properties": {"type": {"type": "string"}, "default": {"type": ["string", "number"]}}},
+        {
+            "type": "object",
+            "properties": {"type": {"type": "string"}, "default": {"type": ["string", "number"]}},
+        },
     ]
 }
 _GPU: dict[str, Any] = {
@@ -106,8 +109,17 @@ _RETRY: dict[str, Any] = {
 }
 
 
-def _any(schema: dict[str, Any]) -> Any:
-    return Annotated[Any, WithJsonSchema(schema)]
+GpuField = Annotated[Any, WithJsonSchema(_GPU)]
+DepsField = Annotated[Any, WithJsonSchema(_DEPS)]
+EnvField = Annotated[Any, WithJsonSchema(_ENV)]
+ArtifactsField = Annotated[Any, WithJsonSchema(_ARTIFACTS)]
+PortsField = Annotated[Any, WithJsonSchema(_PORTS)]
+RetryField = Annotated[Any, WithJsonSchema(_RETRY)]
+VersionField = Annotated[Any, WithJsonSchema(_VERSION)]
+StringsField = Annotated[Any, WithJsonSchema(_STRINGS)]
+NameField = Annotated[Any, WithJsonSchema({"type": "string"})]
+TemplateField = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}]})]
+ListField = Annotated[Any, WithJsonSchema({"type": "array"})]
 
 
 class _Raw(BaseModel):
@@ -124,7 +136,7 @@ class RawResources(_Raw):
 
     cpu: float | None = None
     memory: Text | None = Field(None, description="64GB, 512MB, 1.5GiB; a bare number is MiB")
-    gpu: _any(_GPU) = None
+    gpu: GpuField = None
     shm_size: Text | None = None
     disk: Text | None = None
     interruptible: bool | None = None
@@ -138,37 +150,37 @@ class RawWorkflow(_Raw):
 
     name: Text
     help: Text | None = None
-    provider: _any({"type": "string"}) = None
-    template: _any({"anyOf": [{"type": "string"}, {"type": "object"}]}) = None
+    provider: NameField = None
+    template: TemplateField = None
     image: Text | None = None
     image_name: Text | None = None
-    commands: _any(_STRINGS) = None
+    commands: StringsField = None
     working_dir: Text | None = None
-    environment: _any(_ENV) = None
-    env: _any(_ENV) = None
-    artifacts: _any(_ARTIFACTS) = None
-    depends_on: _any(_DEPS) = Field(None, alias="depends-on")
-    deps: _any(_DEPS) = None
+    environment: EnvField = None
+    env: EnvField = None
+    artifacts: ArtifactsField = None
+    depends_on: DepsField = Field(None, alias="depends-on")
+    deps: DepsField = None
     resources: RawResources | None = None
-    gpu: _any(_GPU) = None
+    gpu: GpuField = None
     nodes: int | None = None
-    ports: _any(_PORTS) = None
-    retry: _any(_RETRY) = None
+    ports: PortsField = None
+    retry: RetryField = None
     # python, torchrun
     file: Text | None = None
     script: Text | None = None
     python_script: Text | None = None
-    args: _any(_STRINGS) = None
+    args: StringsField = None
     requirements: Text | None = None
-    version: _any(_VERSION) = None
-    python: _any(_VERSION) = None
+    version: VersionField = None
+    python: VersionField = None
     # curl
     url: Text | None = None
     output: Text | None = None
     # streamlit, fastapi
     target: Text | None = None
     app: Text | None = None
-    triggers: _any({"type": "array"}) = None
+    triggers: ListField = None
 
 
 class WorkflowsFile(_Raw):

@@ -61,8 +61,15 @@ def normalize_workflow(
 
 
 class _Reader:
-    def __init__(self, item: YMap, file: str, subst: Substituter, templates: Mapping[str, YMap],
-                 is_provider: Callable[[str], bool], provider_names: list[str]) -> None:
+    def __init__(
+        self,
+        item: YMap,
+        file: str,
+        subst: Substituter,
+        templates: Mapping[str, YMap],
+        is_provider: Callable[[str], bool],
+        provider_names: list[str],
+    ) -> None:
         self.item = item
         self.file = file
         self.subst = subst
@@ -88,8 +95,11 @@ class _Reader:
                 hint="; ".join(_PRE_RELEASE[k] for k in old),
             )
         for key, line, first in find_duplicates(item):
-            self.fail(f"duplicate key '{key}' (first at line {first})", line,
-                      hint="YAML keeps only the last one: remove or rename one of them")
+            self.fail(
+                f"duplicate key '{key}' (first at line {first})",
+                line,
+                hint="YAML keeps only the last one: remove or rename one of them",
+            )
         self.item = item = self._merge_template(item)
         item = self.item = _canonical_keys(item, WORKFLOW_KEYS)
         self._check_keys(item, WORKFLOW_KEYS, "")
@@ -144,8 +154,11 @@ class _Reader:
         if isinstance(template, str):
             source = self.templates.get(template)
             if source is None:
-                self.fail(f"unknown template '{template}'", self.at("template"),
-                          hint=suggest(template, list(self.templates)) or "define it under 'templates:'")
+                self.fail(
+                    f"unknown template '{template}'",
+                    self.at("template"),
+                    hint=suggest(template, list(self.templates)) or "define it under 'templates:'",
+                )
         elif isinstance(template, YMap):
             source = template
         else:
@@ -211,17 +224,23 @@ class _Reader:
             return []
         if not isinstance(value, list):
             if isinstance(value, dict):
-                self.fail(f"'{key}' must be a list of strings", self.at(key),
-                          hint="quote lines that contain ': ' so YAML doesn't read a mapping")
+                self.fail(
+                    f"'{key}' must be a list of strings",
+                    self.at(key),
+                    hint="quote lines that contain ': ' so YAML doesn't read a mapping",
+                )
             return [(scalar_text(value), self.at(key))]
         out = []
         for i, entry in enumerate(value):
-            line = value.line_of(i)
+            line = value.line_of(i) if isinstance(value, YList) else self.at(key)
             if entry is None:
                 self.fail(f"empty item in '{key}'", line, hint="remove the bare '-' line or write a value")
             if isinstance(entry, dict | list):
-                self.fail(f"'{key}[{i}]' must be a string", line,
-                          hint="quote lines that contain ': ' so YAML doesn't read a mapping")
+                self.fail(
+                    f"'{key}[{i}]' must be a string",
+                    line,
+                    hint="quote lines that contain ': ' so YAML doesn't read a mapping",
+                )
             out.append((scalar_text(entry), line))
         return out
 
@@ -240,22 +259,34 @@ class _Reader:
         if isinstance(value, dict):
             if "repo" in value:
                 name = value.get("name") or "NAME"
-                self.fail(f"providers from a repository ({value['repo']}) are not supported", line,
-                          hint=f"define '{name}' in .dstack/providers.yaml (name, image, commands) "
-                          f"and write `provider: {name}`")
+                self.fail(
+                    f"providers from a repository ({value['repo']}) are not supported",
+                    line,
+                    hint=f"define '{name}' in .dstack/providers.yaml (name, image, commands) "
+                    f"and write `provider: {name}`",
+                )
             self.fail("'provider' must be a name", line, hint="write e.g. `provider: bash`")
         name = scalar_text(value).strip()
         versioned = re.match(r"^python\s*(?:==|>=|~=|=)?\s*(\d+(?:\.\d+)*)$", name)
         if versioned:
-            self.fail(f"'{name}' is not a provider", line,
-                      hint=f"write `provider: python` and `version: {versioned.group(1)}`")
+            self.fail(
+                f"'{name}' is not a provider",
+                line,
+                hint=f"write `provider: python` and `version: {versioned.group(1)}`",
+            )
         if "@" in name or "==" in name:
             base = re.split(r"@|==", name)[0].strip()
-            self.fail(f"provider versions and branches ('{name}') are not supported", line,
-                      hint=f"write `provider: {base}`")
+            self.fail(
+                f"provider versions and branches ('{name}') are not supported",
+                line,
+                hint=f"write `provider: {base}`",
+            )
         if not self.is_provider(name):
-            self.fail(f"unknown provider '{name}'", line,
-                      hint=suggest(name, self.provider_names) or f"use one of: {', '.join(self.provider_names)}")
+            self.fail(
+                f"unknown provider '{name}'",
+                line,
+                hint=suggest(name, self.provider_names) or f"use one of: {', '.join(self.provider_names)}",
+            )
         return name
 
     def _image(self, raw: RawWorkflow) -> str | None:
@@ -279,8 +310,11 @@ class _Reader:
             return "."
         path = posixpath.normpath(self.subst.plain(raw.working_dir, "working_dir", self.at("working_dir")))
         if path.startswith("/") or path == ".." or path.startswith("../"):
-            self.fail(f"'working_dir' {raw.working_dir!r} is outside the repo", self.at("working_dir"),
-                      hint="give a path relative to the folder holding .dstack/")
+            self.fail(
+                f"'working_dir' {raw.working_dir!r} is outside the repo",
+                self.at("working_dir"),
+                hint="give a path relative to the folder holding .dstack/",
+            )
         return path
 
     def _environment(self) -> tuple[dict[str, str], list[str]]:
@@ -303,8 +337,11 @@ class _Reader:
                     name, eq, v = entry.partition("=")
                     name = name.strip()
                     if not is_identifier(name):
-                        self.fail(f"'{entry}' in '{key}' is not KEY=VALUE", line,
-                                  hint="write KEY=VALUE, or KEY alone to pass your own value")
+                        self.fail(
+                            f"'{entry}' in '{key}' is not KEY=VALUE",
+                            line,
+                            hint="write KEY=VALUE, or KEY alone to pass your own value",
+                        )
                     if eq:
                         env[name] = self.subst.plain(v, f"{key}.{name}", line)
                     else:
@@ -318,8 +355,10 @@ class _Reader:
         if value is None:
             return []
         if isinstance(value, str | YMap):
-            value = YList(self.at("artifacts")) + [value]
-            value.lines = [self.at("artifacts")]
+            single = YList(self.at("artifacts"))
+            single.append(value)
+            single.lines.append(self.at("artifacts"))
+            value = single
         if not isinstance(value, YList):
             self.fail("'artifacts' must be a list of paths", self.at("artifacts"))
         out = []
@@ -331,8 +370,11 @@ class _Reader:
             if isinstance(entry, YMap):
                 for key in entry:
                     if key not in known:
-                        self.fail(f"unknown field 'artifacts[{i}].{key}'", entry.line_of(key),
-                                  hint=suggest(key, known))
+                        self.fail(
+                            f"unknown field 'artifacts[{i}].{key}'",
+                            entry.line_of(key),
+                            hint=suggest(key, known),
+                        )
                 if entry.get("path") is None:
                     self.fail(f"'artifacts[{i}]' has no 'path'", line)
                 flags = {k: entry.get(k, False) for k in ("real-time", "real_time", "mount")}
@@ -340,8 +382,9 @@ class _Reader:
                     if not isinstance(flag, bool):
                         self.fail(f"'artifacts[{i}].{k}' must be true or false", entry.line_of(k))
                 path = scalar_text(entry["path"])
-                spec = ArtifactSpec(path="", real_time=flags["real-time"] or flags["real_time"],
-                                    mount=flags["mount"])
+                spec = ArtifactSpec(
+                    path="", real_time=flags["real-time"] or flags["real_time"], mount=flags["mount"]
+                )
             elif isinstance(entry, list):
                 self.fail(f"'artifacts[{i}]' must be a path", line)
             else:
@@ -377,6 +420,7 @@ class _Reader:
             items, where = value, key
         if not isinstance(items, YList):
             self.fail(f"'{where}' must be a list of workflows", self.at(key))
+        assert isinstance(items, YList)
         return [self._dependency(entry, items.line_of(i), where) for i, entry in enumerate(items)], include
 
     def _dependency(self, entry: Any, line: int, where: str) -> DependencySpec:
@@ -392,8 +436,11 @@ class _Reader:
                 workflow, tag_value = next(iter(entry.items()))
                 tag = scalar_text(tag_value) if tag_value is not None else None
             else:
-                self.fail(f"can't read {plain(entry)!r} in '{where}'", line,
-                          hint="write `workflow`, `workflow:tag`, `:tag`, {workflow: W} or {tag: T}")
+                self.fail(
+                    f"can't read {plain(entry)!r} in '{where}'",
+                    line,
+                    hint="write `workflow`, `workflow:tag`, `:tag`, {workflow: W} or {tag: T}",
+                )
         elif isinstance(entry, list):
             self.fail(f"nested list in '{where}'", line, hint="write one workflow per '-' line")
         else:
@@ -404,12 +451,15 @@ class _Reader:
         if workflow is None and tag is None:
             self.fail(f"empty dependency in '{where}'", line)
         if workflow and "/" in workflow:
-            self.fail(f"'{workflow}' is another repository's workflow: not supported", line,
-                      hint="copy that workflow into this repo, or depend on a tag of its run")
+            self.fail(
+                f"'{workflow}' is another repository's workflow: not supported",
+                line,
+                hint="copy that workflow into this repo, or depend on a tag of its run",
+            )
         return DependencySpec(workflow=workflow, tag=tag)
 
     def _resources(self, raw: RawWorkflow) -> Resources:
-        res = raw.resources or RawResources()
+        res = raw.resources or RawResources.model_validate({})
         rmap = self.item.get("resources")
         rlines = rmap if isinstance(rmap, YMap) else YMap(self.at("resources"))
         out = Resources(
@@ -424,8 +474,11 @@ class _Reader:
                 try:
                     setattr(out, attr, parse_size_mib(text))
                 except ValueError:
-                    self.fail(f"'resources.{key}' {text!r} is not a size", rlines.line_of(key),
-                              hint="write e.g. 64GB, 512MB or 1.5GiB")
+                    self.fail(
+                        f"'resources.{key}' {text!r} is not a size",
+                        rlines.line_of(key),
+                        hint="write e.g. 64GB, 512MB or 1.5GiB",
+                    )
         gpu, gpu_line = res.gpu, rlines.line_of("gpu")
         if raw.gpu is not None:
             if gpu is not None:
@@ -438,7 +491,9 @@ class _Reader:
         nodes = raw.nodes if raw.nodes is not None else res.nodes
         if nodes is not None:
             if nodes < 1:
-                self.fail("'nodes' must be at least 1", self.at("nodes") if raw.nodes else rlines.line_of("nodes"))
+                self.fail(
+                    "'nodes' must be at least 1", self.at("nodes") if raw.nodes else rlines.line_of("nodes")
+                )
             out.nodes = nodes
         if out.cpu is not None and out.cpu <= 0:
             self.fail("'resources.cpu' must be more than 0", rlines.line_of("cpu"))
@@ -472,8 +527,11 @@ class _Reader:
                 try:
                     spec.memory_mib = parse_size_mib(scalar_text(value["memory"]))
                 except ValueError:
-                    self.fail(f"'gpu.memory' {value['memory']!r} is not a size", value.line_of("memory"),
-                              hint="write e.g. 40GB")
+                    self.fail(
+                        f"'gpu.memory' {value['memory']!r} is not a size",
+                        value.line_of("memory"),
+                        hint="write e.g. 40GB",
+                    )
             return spec
         self.fail("'gpu' must be a count, a name or {count, name, memory}", line)
 
@@ -521,8 +579,11 @@ class _Reader:
                 value = value["default"]
             text = scalar_text(value).strip() if not isinstance(value, dict | list) else ""
             if not _VERSION.match(text):
-                self.fail(f"'{key}' {plain(value)!r} is not a Python version", self.at(key),
-                          hint="write e.g. `version: 3.10` or `version: \"3.10\"`")
+                self.fail(
+                    f"'{key}' {plain(value)!r} is not a Python version",
+                    self.at(key),
+                    hint='write e.g. `version: 3.10` or `version: "3.10"`',
+                )
             found[key] = text
         if len(set(found.values())) > 1:
             self.fail("'version' and 'python' disagree", self.at("python"), hint="keep one")
@@ -555,5 +616,6 @@ def _validated(model: type[BaseModel], data: Any, file: str, line: int, where: s
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"'{where}.{loc}': {first['msg'][0].lower()}{first['msg'][1:]}", file=file,
-                          line=line) from None
+        raise ConfigError(
+            f"'{where}.{loc}': {first['msg'][0].lower()}{first['msg'][1:]}", file=file, line=line
+        ) from None

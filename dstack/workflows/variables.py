@@ -112,11 +112,18 @@ def read_variable_sections(data: Any, top_key: str, file: str, into: VariableSec
     for key in data:
         if key != top_key:
             raise ConfigError(
-                f"unknown field '{key}'", file=file, line=data.line_of(key), hint=f"put sections under '{top_key}:'"
+                f"unknown field '{key}'",
+                file=file,
+                line=data.line_of(key),
+                hint=f"put sections under '{top_key}:'",
             )
     for key, dup_line, first in data.dups:
-        raise ConfigError(f"duplicate key '{key}' (first at line {first})", file=file, line=dup_line,
-                          hint="remove one of them")
+        raise ConfigError(
+            f"duplicate key '{key}' (first at line {first})",
+            file=file,
+            line=dup_line,
+            hint="remove one of them",
+        )
     sections = data.get(top_key)
     if sections is None:
         return
@@ -138,8 +145,12 @@ def read_variable_sections(data: Any, top_key: str, file: str, into: VariableSec
     for key, dup_line, first in sections.dups:
         into.errors.setdefault(
             key,
-            ConfigError(f"duplicate section '{key}' (first at line {first})", file=file, line=dup_line,
-                        hint="merge them into one"),
+            ConfigError(
+                f"duplicate section '{key}' (first at line {first})",
+                file=file,
+                line=dup_line,
+                hint="merge them into one",
+            ),
         )
 
 
@@ -151,8 +162,12 @@ def _read_section(section: str, values: Any, file: str, line: int) -> dict[str, 
             f"variables of '{section}' must be a mapping of name: default", file=file, line=line
         )
     for key, dup_line, first in values.dups:
-        raise ConfigError(f"duplicate variable '{key}' (first at line {first})", file=file, line=dup_line,
-                          hint="remove one of them")
+        raise ConfigError(
+            f"duplicate variable '{key}' (first at line {first})",
+            file=file,
+            line=dup_line,
+            hint="remove one of them",
+        )
     out: dict[str, str] = {}
     for name, value in values.items():
         where = values.line_of(name)
@@ -166,10 +181,31 @@ def _read_section(section: str, values: Any, file: str, line: int) -> dict[str, 
         if isinstance(value, YMap) and "default" in value:  # {type: ..., default: ...}
             value = value["default"]
         if isinstance(value, dict | list):
-            raise ConfigError(f"variable '{name}' must be a single value", file=file, line=where,
-                              hint="quote it to pass a string")
+            raise ConfigError(
+                f"variable '{name}' must be a single value",
+                file=file,
+                line=where,
+                hint="quote it to pass a string",
+            )
         out[name] = scalar_text(value)
     return out
+
+
+def quote_env_value(value: str) -> str:
+    """`value` double-quoted for `export K=…` so bash expands only `$NAME`/`${NAME}` in it (no `$(…)`,
+    backticks or other expansions): `$PATH:src` → `"$PATH:src"`, `$(rm -rf /)` → `"\\$(rm -rf /)"`."""
+    out, pos = ['"'], 0
+    for m in _ENV_REF.finditer(value):
+        out.append(_escape_dq(value[pos : m.start()]))
+        out.append("${" + (m.group(1) or m.group(2)) + "}")
+        pos = m.end()
+    out.append(_escape_dq(value[pos:]))
+    out.append('"')
+    return "".join(out)
+
+
+def _escape_dq(text: str) -> str:
+    return "".join("\\" + c if c in '\\"`$' else c for c in text)
 
 
 def expand_env(env: Mapping[str, str], base: Mapping[str, str]) -> dict[str, str]:

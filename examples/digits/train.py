@@ -1,4 +1,4 @@
-"""Train a logistic-regression digit classifier with SGD on data/; write model/model.pkl and model/metrics.json."""
+"""Train a logistic-regression digit classifier with SGD on data/; write model/model.pkl + metrics.json."""
 
 from __future__ import annotations
 

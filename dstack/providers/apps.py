@@ -1,0 +1,52 @@
+"""App servers: `streamlit` (`target`) and `fastapi` (`app`), served on `$PORT_0` at 127.0.0.1."""
+
+from __future__ import annotations
+
+import shlex
+
+from dstack.providers.base import Provider, ProviderContext, base_spec, fail
+from dstack.providers.devenv import at_least_one_port, port_ref
+from dstack.specs import JobSpec
+from dstack.workflows.models import Workflow
+
+
+class StreamlitProvider(Provider):
+    """`streamlit run TARGET` on 127.0.0.1."""
+
+    name = "streamlit"
+
+    def job_spec(self, workflow: Workflow, ctx: ProviderContext) -> JobSpec:
+        """Install streamlit, print the URL, serve `target`."""
+        if not workflow.target:
+            fail(workflow, "the streamlit provider needs a target", hint="add `target: app.py`")
+        spec = at_least_one_port(base_spec(workflow, self.name, []))
+        port = port_ref(spec)
+        spec.commands = [
+            *workflow.commands,
+            "python -m pip install -q streamlit",
+            f'echo "Streamlit: http://127.0.0.1:{port.strip(chr(34))}"',
+            f"python -m streamlit run {shlex.quote(workflow.target)} --server.address 127.0.0.1 "
+            f"--server.port {port} --server.headless true {workflow.args}".strip(),
+        ]
+        return spec
+
+
+class FastapiProvider(Provider):
+    """`uvicorn APP` on 127.0.0.1."""
+
+    name = "fastapi"
+
+    def job_spec(self, workflow: Workflow, ctx: ProviderContext) -> JobSpec:
+        """Install fastapi and uvicorn, print the URL, serve `app` (module:attribute)."""
+        if not workflow.app:
+            fail(workflow, "the fastapi provider needs an app", hint="add `app: main:app`")
+        spec = at_least_one_port(base_spec(workflow, self.name, []))
+        port = port_ref(spec)
+        spec.commands = [
+            *workflow.commands,
+            "python -m pip install -q fastapi uvicorn",
+            f'echo "FastAPI: http://127.0.0.1:{port.strip(chr(34))}/docs"',
+            f"python -m uvicorn {shlex.quote(workflow.app)} --host 127.0.0.1 --port {port} "
+            f"{workflow.args}".strip(),
+        ]
+        return spec

@@ -1,0 +1,233 @@
+"""Variables: defaults, overrides, substitution, and values that never reach a shell unquoted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dstack.errors import ConfigError, UsageError
+from dstack.specs import JobSpec
+from dstack.workflows import load_project
+from dstack.workflows.variables import Substituter, config_args, expand_env, quote_env_value
+
+
+def make_repo(root: Path, files: dict[str, str]) -> Path:
+    """A real Git repo holding `files`."""
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def run_spec(root: Path, spec: JobSpec) -> str:
+    """Run a spec's commands the way the runner does (bash, `set -e`, env, working dir); return stdout."""
+    env = {
+        **os.environ,
+        **spec.env,
+        "RUN_NAME": "run-1",
+        "JOB_ID": "job-1",
+        "run_name": "run-1",
+        "job_id": "job-1",
+    }
+    script = "set -e\n" + "\n".join(spec.commands)
+    done = subprocess.run(
+        ["bash", "-c", script],
+        cwd=root / spec.working_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+WORKFLOWS = """\
+workflows:
+  - name: train
+    working_dir: src
+    commands:
+      - echo "model=$model LR=$LR"
+      - echo ${{ model }}
+      - printf '%s|' $config_args
+      - echo
+      - printf '%s|' ${{ variables_as_args }} ${{ run.args }}
+      - echo
+      - echo ${{ run_name }} ${{ job_id }} $config_args_extra.
+    artifacts:
+      - out/${{ model }}/${{ run_name }}
+"""
+VARIABLES = """\
+variables:
+  global:
+    model: small
+    lr: 0.010
+  train:
+    model: resnet
+    epochs: 3
+"""
+
+
+@pytest.fixture
+def project_root(tmp_path: Path) -> Path:
+    return make_repo(
+        tmp_path, {".dstack/workflows.yaml": WORKFLOWS, ".dstack/variables.yaml": VARIABLES, "src/.keep": ""}
+    )
+
+
+def test_defaults_global_then_workflow(project_root: Path) -> None:
+    assert load_project(project_root).variables("train") == {"model": "resnet", "lr": "0.010", "epochs": "3"}
+
+
+def test_substitution_and_env(project_root: Path) -> None:
+    spec = load_project(project_root).job_spec("train", {"lr": "0.5"}, ["--seed", "1 2"])
+    assert spec.variables == {"model": "resnet", "lr": "0.5", "epochs": "3"}
+    assert spec.env["lr"] == spec.env["LR"] == "0.5"
+    assert spec.env["MODEL"] == "resnet"
+    assert spec.artifacts[0].path == "out/resnet/${{ run_name }}"  # the lead substitutes run_name
+    assert spec.working_dir == "src"
+    out = run_spec(project_root, spec).splitlines()
+    assert out == [
+        "model=resnet LR=0.5",
+        "resnet",
+        "--model|resnet|--lr|0.5|--epochs|3|",
+        "--model|resnet|--lr|0.5|--epochs|3|--seed|1 2|",
+        "run-1 job-1 .",
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "'; touch pwned; '",
+        "$(touch pwned)",
+        "`touch pwned`",
+        "a b; touch pwned",
+        '"; touch pwned #',
+        "x\ntouch pwned",
+    ],
+)
+def test_hostile_values_stay_data(project_root: Path, value: str) -> None:
+    spec = load_project(project_root).job_spec("train", {"model": value}, [value])
+    out = run_spec(project_root, spec)
+    assert not (project_root / "src" / "pwned").exists()
+    assert value in out
+
+
+def test_unknown_override_names_known_ones(project_root: Path) -> None:
+    with pytest.raises(
+        UsageError, match=r"unknown variable 'lrr' for workflow 'train' — its variables: model, lr, epochs"
+    ):
+        load_project(project_root).job_spec("train", {"lrr": "1"})
+
+
+def test_unknown_variable_in_field(tmp_path: Path) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            ".dstack/workflows.yaml": """\
+        workflows:
+          - name: w
+            commands:
+              - echo hi
+            artifacts:
+              - ${{ output_dir }}
+        """
+        },
+    )
+    with pytest.raises(ConfigError) as e:
+        load_project(root).job_spec("w")
+    assert str(e.value) == (
+        ".dstack/workflows.yaml:6: unknown variable 'output_dir' in 'artifacts' — "
+        "define it in .dstack/variables.yaml (this workflow's variables: none)"
+    )
+
+
+def test_variable_name_must_be_identifier(tmp_path: Path) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            ".dstack/workflows.yaml": "workflows:\n  - name: w\n    commands: [echo]\n",
+            ".dstack/variables.yaml": "variables:\n  w:\n    learning-rate: 1\n",
+        },
+    )
+    project = load_project(root)
+    assert project.names() == ["w"]
+    error = project.error("w")
+    assert error is not None
+    assert str(error).startswith(
+        ".dstack/variables.yaml:3: variable name 'learning-rate' is not an identifier"
+    )
+
+
+def test_configs_yaml_older_form(tmp_path: Path) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            ".dstack/workflows.yaml": "workflows:\n  - name: w\n    commands:\n      - echo $config_args\n",
+            ".dstack/configs.yaml": "configs:\n  global:\n    seed: 7\n  w:\n    batch: 32\n",
+        },
+    )
+    project = load_project(root)
+    assert project.variables("w") == {"seed": "7", "batch": "32"}
+    assert run_spec(root, project.job_spec("w")).strip() == "--seed 7 --batch 32"
+
+
+def test_substituter_modes() -> None:
+    s = Substituter({"a": "x y"}, ["p q"], file="f")
+    assert s.shell("echo ${{a}} ${{ run.args }}", "commands", 1) == "echo 'x y' 'p q'"
+    assert s.plain("dir/${{ a }}/${{ job_id }}", "artifacts", 1) == "dir/x y/${{ job_id }}"
+    assert (
+        s.shell("$config_args $config_argsX ${config_args}", "commands", 1)
+        == "--a 'x y' $config_argsX --a 'x y'"
+    )
+    assert config_args({"n": "it's"}) == "--n 'it'\"'\"'s'"
+
+
+def test_variable_named_path_does_not_replace_path(tmp_path: Path) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            ".dstack/workflows.yaml": "workflows:\n  - name: w\n    commands:\n      - ls -d $path\n",
+            ".dstack/variables.yaml": "variables:\n  w:\n    path: /\n",
+        },
+    )
+    spec = load_project(root).job_spec("w")
+    assert spec.env == {"path": "/"}
+    assert spec.notices == ["variable 'path' is not exported as PATH (that would replace the job's own)"]
+    assert run_spec(root, spec) == "/\n"
+
+
+def test_expand_env_without_running_anything() -> None:
+    env = expand_env(
+        {"P": "$HOME/bin:${PATH}", "Q": "$(rm -rf /)", "R": "$P/x"}, {"HOME": "/h", "PATH": "/usr"}
+    )
+    assert env == {"P": "/h/bin:/usr", "Q": "$(rm -rf /)", "R": "/h/bin:/usr/x"}
+
+
+def test_quote_env_value_expands_only_references(tmp_path: Path) -> None:
+    env = {
+        "A": "$HOME/bin:${PATH}",
+        "B": "$(touch pwned) `touch pwned` \\ \" ' $ $1 ${x:-y} !",
+        "C": "multi\nline",
+    }
+    script = "".join(f"export {k}={quote_env_value(v)}\n" for k, v in env.items())
+    script += 'printf "%s|" "$A" "$B" "$C"'
+    done = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env={"HOME": "/h", "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"/h/bin:{os.environ['PATH']}|{env['B']}|multi\nline|"
+    assert not (tmp_path / "pwned").exists()
