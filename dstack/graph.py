@@ -34,6 +34,7 @@ class Node:
     upstream: list[str] = field(default_factory=list)
     tag_inputs: list[TagInput] = field(default_factory=list)
     key: str = ""
+    upstream_keys: list[str] = field(default_factory=list)
 
 
 def resolve_graph(project: Project, target: str, overrides: dict[str, str], args: list[str],
@@ -60,7 +61,8 @@ def resolve_graph(project: Project, target: str, overrides: dict[str, str], args
             if dep.tag is None and dep.workflow is not None:
                 if dep.workflow not in names:
                     raise ConfigError(
-                        f"workflow '{name}' depends on '{dep.workflow}', which is not a workflow of this repo",
+                        f"workflow '{name}' depends on '{dep.workflow}', "
+                        "which is not a workflow of this repo",
                         hint=_near(dep.workflow, names) or "check `depends-on`")
                 visit(dep.workflow, [*path, name])
                 if dep.workflow not in node.upstream:
@@ -130,6 +132,7 @@ def compute_keys(nodes: list[Node], files: Manifest, working_subdir: str) -> Non
             "tags": sorted(j.key or j.manifest or "" for t in node.tag_inputs for j in t.jobs),
         }
         node.key = digest_bytes(json.dumps(material, sort_keys=True).encode())
+        node.upstream_keys = [keys[u] for u in node.upstream]
         keys[node.workflow] = node.key
 
 

@@ -55,3 +55,30 @@ def download_artifacts(state: State, run: Run, target: Path, path: str | None = 
     select_entries(merged, path)  # NotFoundError naming the path if nothing is under it
     target.mkdir(parents=True, exist_ok=True)
     return restore_artifacts(merged, store, target, subpath=path, on_progress=on_progress)
+
+
+@dataclass
+class Comparison:
+    """How a job's artifacts compare with the same workflow's in another run."""
+
+    workflow: str
+    identical: bool
+    changed: list[str]
+
+
+def compare_runs(state: State, run: Run, other: Run) -> list[Comparison]:
+    """Per workflow (and variables), whether the two runs' artifacts are byte for byte the same."""
+    def files(r: Run) -> dict[tuple[str, str], dict[str, str]]:
+        result: dict[tuple[str, str], dict[str, str]] = {}
+        for job in state.jobs(r.id):
+            key = (job.workflow, repr(sorted((job.spec.get("variables") or {}).items())))
+            result[key] = {a.path: a.digest for a in state.artifact_rows(job.reused_from or job.id)}
+        return result
+
+    mine, theirs = files(run), files(other)
+    out = []
+    for key, digests in mine.items():
+        before = theirs.get(key, {})
+        changed = sorted(p for p in set(digests) | set(before) if digests.get(p) != before.get(p))
+        out.append(Comparison(key[0], not changed, changed))
+    return out

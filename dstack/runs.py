@@ -36,7 +36,9 @@ class RunRequest:
     host: str | None = None
     force: bool = False
     keep: bool = False
-    sweep: str | None = None
+    grid: list[dict[str, str]] | None = None  # a sweep: one set of overrides per combination
+    reproduce: str | None = None  # run again a past run, with its exact repo state and variables
+    real_time_artifacts: bool = False
 
 
 @dataclass
@@ -48,26 +50,40 @@ class CreatedRun:
 
 def create_run(state: State, req: RunRequest) -> CreatedRun:
     """Resolve the graph, snapshot the repo, and record the run with its jobs (reused ones done already)."""
-    from dstack.graph import compute_keys, resolve_graph
+    from dstack.graph import Node, compute_keys, resolve_graph
     from dstack.names import run_name
-    from dstack.repo import snapshot_repo
     from dstack.store import open_object_store
-    from dstack.store.digests import DigestCache
-    from dstack.workflows import load_project
 
-    project = load_project(req.cwd)
-    nodes = resolve_graph(project, req.workflow, req.overrides, req.args, state)
+    reproduce_of = None
+    if req.reproduce:
+        old = state.run(req.reproduce)
+        reproduce_of = old.id
+        store = open_object_store(state)
+        project, repo = _past_project(state, old, store)
+        req = RunRequest(old.workflow, req.cwd, dict(old.variables), list(old.args), host=req.host,
+                         force=True, keep=req.keep, grid=_grid_of(old),
+                         real_time_artifacts=req.real_time_artifacts)
+    else:
+        from dstack.workflows import load_project
+
+        project = load_project(req.cwd)
+        store = open_object_store(state, _project_store(project))
+        repo = _snapshot(project.root, store)
     if req.host and req.host != "local":
         if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
             raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
-    store = open_object_store(state, _project_store(project))
-    from dstack.home import sub
-
-    with DigestCache(sub("cache") / "digests.sqlite") as cache:
-        repo = snapshot_repo(project.root, store, cache)
     code_name = f"code/{repo.files.digest()}"
     store.put_manifest(code_name, repo.files)
-    compute_keys(nodes, repo.files, repo.working_subdir)
+
+    nodes: list[Node] = []
+    by_key: dict[str, Node] = {}
+    for combo in req.grid or [req.overrides]:
+        combo_nodes = resolve_graph(project, req.workflow, combo, req.args, state)
+        compute_keys(combo_nodes, repo.files, repo.working_subdir)
+        for node in combo_nodes:
+            if node.key not in by_key:  # upstream jobs a sweep's combinations share run once
+                by_key[node.key] = node
+                nodes.append(node)
 
     taken = {r[0] for r in state.db.execute("SELECT name FROM runs")}
     name = run_name(taken)
@@ -77,24 +93,30 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         project_root=str(project.root), repo_root=str(repo.repo_root), working_subdir=repo.working_subdir,
         remote_url=repo.remote_url, branch=repo.branch, commit_sha=repo.commit, diff=repo.diff,
         untracked=repo.untracked, code_manifest=code_name, variables=dict(req.overrides), args=req.args,
-        sweep=req.sweep, reproduce_of=None, host_pin=req.host, force=req.force, keep=req.keep,
-        orchestrator_pid=None, orchestrator_start=None, reason=None, created_at=now, finished_at=None)
+        sweep=name if req.grid and len(req.grid) > 1 else None, reproduce_of=reproduce_of,
+        host_pin=req.host, force=req.force, keep=req.keep, orchestrator_pid=None, orchestrator_start=None,
+        reason=None, created_at=now, finished_at=None)
     jobs: list[Job] = []
     ids: dict[str, str] = {}
+    status_of: dict[str, str] = {}
     notices: list[str] = []
     for i, node in enumerate(nodes):
         job_id = f"{name}-{node.workflow}".replace("/", "-")[:60] + f"-{uuid.uuid4().hex[:6]}"
-        ids[node.workflow] = job_id
+        ids[node.key] = job_id
         spec = node.spec
+        if req.real_time_artifacts:
+            for artifact in spec.artifacts:
+                artifact.real_time = True
         for notice in spec.notices:
             if notice not in notices:
                 notices.append(notice)
-        upstream = [ids[u] for u in node.upstream] + [j.id for t in node.tag_inputs for j in t.jobs]
+        upstream = [ids[k] for k in node.upstream_keys] + [j.id for t in node.tag_inputs for j in t.jobs]
         reused = None if req.force else state.reusable_job(node.key)
-        if reused is not None and any(jobs_by_id(jobs, u).status != "reused" for u in ids_of(node, ids)):
+        if reused is not None and any(status_of[k] != "reused" for k in node.upstream_keys):
             reused = None  # an upstream runs again, so this one must too
+        status_of[node.key] = "reused" if reused else "pending"
         job = Job(
-            id=job_id, run_id=run.id, workflow=node.workflow, status="reused" if reused else "pending",
+            id=job_id, run_id=run.id, workflow=node.workflow, status=status_of[node.key],
             spec=_substitute_reserved(spec.model_dump(), name, job_id), key=node.key, upstream=upstream,
             reused_from=(reused.reused_from or reused.id) if reused else None, runner=None, reserved=None,
             attempt=1, exit_code=0 if reused else None, reason=None,
@@ -107,12 +129,43 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     return CreatedRun(run, jobs, notices)
 
 
-def ids_of(node: Any, ids: dict[str, str]) -> list[str]:
-    return [ids[u] for u in node.upstream]
+def _snapshot(project_root: Path, store: ObjectStore) -> Any:
+    from dstack.home import sub
+    from dstack.repo import snapshot_repo
+    from dstack.store.digests import DigestCache
+
+    with DigestCache(sub("cache") / "digests.sqlite") as cache:
+        return snapshot_repo(project_root, store, cache)
 
 
-def jobs_by_id(jobs: list[Job], job_id: str) -> Job:
-    return next(j for j in jobs if j.id == job_id)
+def _past_project(state: State, old: Run, store: ObjectStore) -> tuple[Any, Any]:
+    """The `.dstack/` and repo state of a past run, read back from the store."""
+    import tempfile
+
+    from dstack.artifacts import materialize
+    from dstack.graph import load_manifest
+    from dstack.repo import RepoState
+    from dstack.workflows import load_project
+
+    if not old.code_manifest:
+        raise RunError(f"run {old.name} has no recorded repo state to reproduce")
+    files = load_manifest(store, old.code_manifest)
+    sub = "" if old.working_subdir in ("", ".") else old.working_subdir.rstrip("/") + "/"
+    config = [e for e in files.entries if e.path.startswith(sub + ".dstack/")]
+    tmp = Path(tempfile.mkdtemp(prefix="dstack-reproduce-"))
+    materialize(config, store, tmp)
+    project = load_project(tmp / (sub or "."))
+    repo = RepoState(repo_root=Path(old.repo_root), project_root=Path(old.project_root),
+                     remote_url=old.remote_url, branch=old.branch, commit=old.commit_sha, diff=old.diff or "",
+                     untracked=old.untracked, files=files, working_subdir=old.working_subdir)
+    return project, repo
+
+
+def _grid_of(run: Run) -> list[dict[str, str]] | None:
+    from dstack.sweeps import expand_grid
+
+    grid = expand_grid(run.variables)
+    return grid if len(grid) > 1 else None
 
 
 def _project_store(project: Any) -> dict[str, str]:
@@ -313,7 +366,7 @@ class Orchestrator:
         if chosen is None:
             if job.status != "waiting":
                 self.state.set_job(job.id, status="waiting",
-                                   reason="waiting for a runner with free " + _wants(spec))
+                                   reason="no runner has " + _wants(spec) + " free now")
             return
         self.start(job, spec, chosen.name, reserved or {}, upstream)
 

@@ -305,3 +305,25 @@ def test_poll_of_a_missing_directory_is_lost(sshd: SSHServer, tmp_path: Path) ->
     state = process.poll(conn, str(tmp_path / "nothing"))
     assert state.status == "lost" and "is gone from the host" in (state.reason or "")
     assert process.read_file(conn, str(tmp_path / "nothing/log"), 0) == b""
+
+
+def test_one_connection_serves_many_threads(sshd: SSHServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    conn = connect(sshd, accept=yes())
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outputs = list(pool.map(lambda i: conn.run(f"echo {i}").stdout, range(40)))
+    assert outputs == [f"{i}\n" for i in range(40)]
+    assert connect(sshd) is conn
+
+
+def test_a_stream_into_a_failing_command_reports_it(sshd: SSHServer) -> None:
+    conn = connect(sshd, accept=yes())
+
+    def write(stdin) -> None:
+        for _ in range(200):
+            stdin.write(b"x" * 65536)
+
+    with pytest.raises(RemoteCommandError, match="exited with 5: nope"):
+        conn.run_with_writer("echo nope; exit 5", write)
+    assert conn.is_alive() and conn.run("echo still").stdout == "still\n"

@@ -26,22 +26,35 @@ def run(
     host: str = typer.Option(None, "--host", help="Run every job of the run on this runner."),
     force: bool = typer.Option(False, "--force", help="Never reuse earlier jobs."),
     keep: bool = typer.Option(False, "--keep", help="Keep the jobs' working directories."),
+    reproduce: str = typer.Option(None, "--reproduce", metavar="RUN",
+                                  help="Run a past run again with its exact repo state and variables."),
+    real_time: bool = typer.Option(False, "--real-time-artifacts",
+                                   help="Save every artifact while the job runs, not only at its end."),
     show_help: bool = typer.Option(False, "-h", "--help", help="Show workflows or a workflow's variables."),
 ) -> None:
     from dstack.cli import ui
 
     extra = list(ctx.args)
-    if show_help or "--help" in extra or "-h" in extra or not workflow:
+    if show_help or "--help" in extra or "-h" in extra or not (workflow or reproduce):
         _print_help(ctx, workflow)
         return
     overrides, args = parse_variables(extra)
     from dstack.runs import RunRequest, create_run, start_orchestrator
     from dstack.store.state import open_state
+    from dstack.sweeps import expand_grid
 
+    if reproduce and workflow:
+        args = [workflow, *args] if workflow else args
+    grid = expand_grid(overrides)
+    request = RunRequest(workflow or "", Path.cwd(), grid[0] if len(grid) == 1 else overrides, args,
+                         host=host, force=force, keep=keep, grid=grid if len(grid) > 1 else None,
+                         reproduce=reproduce, real_time_artifacts=real_time)
     with open_state() as state:
-        created = create_run(state, RunRequest(workflow, Path.cwd(), overrides, args, host=host, force=force,
-                                               keep=keep))
+        created = create_run(state, request)
         run_ = created.run
+        if run_.sweep:
+            ui.info(f"Sweep [bold]{run_.name}[/bold]: {len(grid)} combinations; "
+                    f"`dstack runs --sweep {run_.name}` shows each one.")
         for notice in created.notices:
             ui.info(f"[yellow]Note:[/yellow] {notice}")
         reused = [j.workflow for j in created.jobs if j.status == "reused"]
@@ -56,7 +69,27 @@ def run(
             return
         from dstack.cli.runs import follow
 
-        follow(state, run_.id)
+        try:
+            follow(state, run_.id)
+        finally:
+            if run_.reproduce_of:
+                _report_reproduction(state, run_.id, run_.reproduce_of)
+
+
+def _report_reproduction(state: object, run_id: str, original_id: str) -> None:
+    from dstack.cli import ui
+    from dstack.results import compare_runs
+
+    new, old = state.run(run_id), state.run(original_id)  # type: ignore[attr-defined]
+    if new.status != "done":
+        return
+    comparisons = compare_runs(state, new, old)  # type: ignore[arg-type]
+    for c in comparisons:
+        if c.identical:
+            ui.info(f"[green]identical[/green] {c.workflow}: artifacts match run {old.name} byte for byte")
+        else:
+            ui.info(f"[yellow]different[/yellow] {c.workflow}: {', '.join(c.changed[:5])}"
+                    + (" …" if len(c.changed) > 5 else "") + f" differ from run {old.name}")
 
 
 def parse_variables(extra: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
     app.command("jobs", help="List the jobs of a run (or of the latest runs).")(jobs)
     app.command("logs", help="Show a run's output; -f follows it to its end.")(logs)
     app.command("stop", help="Stop a run: end its running jobs, cancel the rest.")(stop)
+    app.command("lineage", help="Show what made a run's results (or one artifact file).")(lineage)
 
 
 def runs(
@@ -30,7 +31,10 @@ def runs(
 
     with open_state() as state:
         repair(state)
-        items = state.runs(limit=None if all_ else limit, sweep=sweep)
+        if sweep:
+            _sweep_table(state, sweep, as_json)
+            return
+        items = state.runs(limit=None if all_ else limit)
         if as_json:
             ui.print_json([
                 {"name": r.name, "id": r.id, "workflow": r.workflow, "status": r.status,
@@ -42,7 +46,7 @@ def runs(
         rows = []
         for r in items:
             jobs_ = state.jobs(r.id)
-            summary = " ".join(f"{j.workflow}:{j.status}" for j in jobs_) if len(jobs_) > 1 else ""
+            summary = ", ".join(f"{j.workflow} {j.status}" for j in jobs_ if j.status != r.status)
             variables = " ".join(f"{k}={v}" for k, v in r.variables.items())
             rows.append([r.name, r.workflow, ui.status(r.status), variables, summary,
                          ui.ago(r.created_at), ui.duration(r.created_at, r.finished_at)])
@@ -50,6 +54,69 @@ def runs(
             ui.info("No runs yet. Try `dstack run WORKFLOW` in a repo with `.dstack/workflows.yaml`.")
             return
         ui.table(["Run", "Workflow", "Status", "Variables", "Jobs", "Submitted", "Took"], rows)
+
+
+def _sweep_table(state: State, sweep: str, as_json: bool) -> None:
+    """Each combination of a sweep with its status."""
+    from dstack.cli import ui
+
+    run_ = state.run(sweep)
+    swept = [k for k, v in run_.variables.items() if "," in v]
+    items = [j for j in state.jobs(run_.id) if j.workflow == run_.workflow]
+    if as_json:
+        ui.print_json([{"name": j.workflow, "id": j.id, "status": j.status, "reason": j.reason,
+                        "variables": j.spec.get("variables", {})} for j in items])
+        return
+    rows = [[*(str(j.spec.get("variables", {}).get(k, "")) for k in swept), ui.status(j.status),
+             j.runner or "", j.reason or "", ui.duration(j.started_at, j.finished_at)] for j in items]
+    ui.table([*swept, "Status", "Runner", "Reason", "Took"], rows, title=f"Sweep {run_.name} ({run_.workflow})")
+
+
+def lineage(
+    run: str = typer.Argument(..., help="Run name or prefix."),
+    path: str = typer.Argument(None, help="One artifact file or folder of the run."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    from rich.tree import Tree
+
+    from dstack.cli import ui
+    from dstack.lineage import LineageNode, run_lineage
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        roots = run_lineage(state, run, path)
+    if as_json:
+        ui.print_json([r.to_dict() for r in roots])
+        return
+
+    def add(tree: Tree, node: LineageNode) -> None:
+        variables = " ".join(f"{k}={v}" for k, v in node.variables.items())
+        head = f"[bold]{node.workflow}[/bold] {ui.status(node.status)} (run {node.run}, job {node.job_id})"
+        branch = tree.add(head)
+        commit = (node.commit or "no commit")[:12]
+        branch.add(f"code: {commit} on {node.branch or '?'}, diff: {node.diff_summary}, "
+                   f"{node.untracked} untracked file(s)")
+        if variables:
+            branch.add(f"variables: {variables}")
+        where = f"runner: {node.runner or '-'}" + (f", image: {node.image}" if node.image else "")
+        if node.reused_from:
+            where += f", reused from job {node.reused_from}"
+        branch.add(where)
+        if node.tags:
+            branch.add(f"tags: {', '.join(node.tags)}")
+        if node.artifacts:
+            arts = branch.add(f"artifacts ({len(node.artifacts)} files)")
+            for a in node.artifacts[:10]:
+                arts.add(f"{a['path']} {ui.size(a['size'])} {a['digest'][:12]}")
+            if len(node.artifacts) > 10:
+                arts.add(f"… {len(node.artifacts) - 10} more")
+        for up in node.upstream:
+            add(branch, up)
+
+    tree = Tree(f"Lineage of {run}" + (f" {path}" if path else ""))
+    for r in roots:
+        add(tree, r)
+    ui.console().print(tree)
 
 
 def jobs(
@@ -101,6 +168,20 @@ def stop(run: str = typer.Argument(..., help="Run name or prefix.")) -> None:
         ui.info(f"Stopped run [bold]{stopped.name}[/bold].")
 
 
+def job_labels(jobs_: list) -> dict[str, str]:  # type: ignore[type-arg]
+    """A label per job: its workflow, plus the variables that tell a sweep's jobs apart."""
+    labels = {}
+    for job in jobs_:
+        same = [j for j in jobs_ if j.workflow == job.workflow]
+        if len(same) == 1:
+            labels[job.id] = job.workflow
+            continue
+        mine = job.spec.get("variables") or {}
+        differing = [k for k in mine if any((j.spec.get("variables") or {}).get(k) != mine[k] for j in same)]
+        labels[job.id] = f"{job.workflow}[" + ",".join(f"{k}={mine[k]}" for k in differing) + "]"
+    return labels
+
+
 def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failure: bool = True) -> None:
     """Print a run's output as it comes, prefixed by job when several jobs run; exit non-zero if it failed."""
     from dstack.cli import ui
@@ -109,16 +190,19 @@ def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failur
 
     jobs_ = state.jobs(run_id)
     prefix = len([j for j in jobs_ if j.status != "reused"]) > 1
-    width = max((len(j.workflow) for j in jobs_), default=0)
+    labels = job_labels(jobs_)
+    width = max((len(v) for v in labels.values()), default=0)
     try:
         for event in follow_run(state, run_id, follow=follow_output):
             if event.kind == "status":
-                if event.text.startswith(("running", "done")) and not prefix:
+                quiet = ("pending", "starting") + (() if prefix else ("running", "done"))
+                if event.text.startswith(quiet):
                     continue
-                ui.info(f"[dim]{event.workflow}:[/dim] {ui.status(event.text.split(':')[0])}"
+                ui.info(f"[dim]{labels.get(event.job_id, event.workflow)}:[/dim] "
+                        f"{ui.status(event.text.split(':')[0])}"
                         + (":" + event.text.split(":", 1)[1] if ":" in event.text else ""))
             elif prefix:
-                ui.out(f"{event.workflow.ljust(width)} | {event.text}")
+                ui.out(f"{labels.get(event.job_id, event.workflow).ljust(width)} | {event.text}")
             else:
                 ui.out(event.text)
     except KeyboardInterrupt:

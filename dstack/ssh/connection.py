@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 KEEPALIVE_SECONDS = 5
+# sshd's MaxSessions defaults to 10 per connection; the SFTP session holds one of them
+MAX_CHANNELS = 8
 _BUF = 1 << 16
 
 AcceptKey = Callable[[str], bool]
@@ -147,6 +149,7 @@ class Connection:
         self._sftp: paramiko.SFTPClient | None = None
         self._sftp_lock = threading.Lock()
         self._home: str | None = None
+        self._channels = threading.BoundedSemaphore(MAX_CHANNELS)
         self.host_key: str | None = None  # `<keytype> <base64>` after connecting
 
     # connecting
@@ -159,9 +162,9 @@ class Connection:
         sock: Any = None
         if target.proxy_jump:
             self._jump = _open_jump(target.proxy_jump, accept)
-            transport = self._jump.transport
+            jump_transport = self._jump.transport
             try:
-                sock = transport.open_channel(
+                sock = jump_transport.open_channel(
                     "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT
                 )
             except (paramiko.SSHException, OSError) as exc:
@@ -270,15 +273,24 @@ class Connection:
     # commands
 
     def _session(self, timeout: float) -> paramiko.Channel:
+        """A new session channel; at most MAX_CHANNELS at once (release with `_done`)."""
         import paramiko
 
+        if not self._channels.acquire(timeout=timeout):
+            raise HostError(f"{self.name}: too many commands at once on one connection")
         try:
             chan = self.transport.open_session(timeout=timeout)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            self._lost(exc)
-            raise AssertionError from exc  # unreachable: _lost raises
+        except BaseException as exc:
+            self._channels.release()
+            if isinstance(exc, (paramiko.SSHException, OSError, EOFError)):
+                self._lost(exc)
+            raise
         chan.settimeout(timeout)
         return chan
+
+    def _done(self, chan: paramiko.Channel) -> None:
+        chan.close()
+        self._channels.release()
 
     def _lost(self, exc: BaseException) -> None:
         drop_connection(self)
@@ -328,7 +340,7 @@ class Connection:
                 self._lost(exc)
                 raise AssertionError from exc
         finally:
-            chan.close()
+            self._done(chan)
         result = Result(
             command, code, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
         )
@@ -346,8 +358,13 @@ class Connection:
                 chan.set_combine_stderr(True)
                 chan.exec_command(_bash(command))
                 stdin = chan.makefile_stdin("wb")
-                write(stdin)  # type: ignore[arg-type]
-                stdin.flush()
+                try:
+                    write(stdin)  # type: ignore[arg-type]
+                    stdin.flush()
+                except OSError:
+                    if not chan.status_event.wait(5):
+                        raise
+                    # the command ended before reading all its input: report its exit code and output
                 stdin.close()
                 chan.shutdown_write()
                 output = chan.makefile("rb").read()
@@ -356,7 +373,7 @@ class Connection:
                 self._lost(exc)
                 raise AssertionError from exc
         finally:
-            chan.close()
+            self._done(chan)
         text = output.decode(errors="replace")
         if code != 0:
             raise RemoteCommandError(self.name, command, code, text)
@@ -385,7 +402,7 @@ class Connection:
                 self._lost(exc)
                 raise AssertionError from exc
         finally:
-            chan.close()
+            self._done(chan)
         text = b"".join(stderr).decode(errors="replace")
         if code != 0:
             raise RemoteCommandError(self.name, command, code, text)
