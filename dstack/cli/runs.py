@@ -186,6 +186,8 @@ def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failur
     """Print a run's output as it comes, prefixed by job when several jobs run; exit non-zero if it failed."""
     from dstack.cli import ui
     from dstack.errors import RunError
+    from rich.markup import escape
+
     from dstack.runs import follow_run
 
     jobs_ = state.jobs(run_id)
@@ -198,9 +200,9 @@ def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failur
                 quiet = ("pending", "starting") + (() if prefix else ("running", "done"))
                 if event.text.startswith(quiet):
                     continue
-                ui.info(f"[dim]{labels.get(event.job_id, event.workflow)}:[/dim] "
-                        f"{ui.status(event.text.split(':')[0])}"
-                        + (":" + event.text.split(":", 1)[1] if ":" in event.text else ""))
+                state_, _, why = event.text.partition(": ")
+                ui.info(f"[dim]{escape(labels.get(event.job_id, event.workflow))}:[/dim] "
+                        f"{ui.status_markup(state_)}" + (f": {escape(why)}" if why else ""))
             elif prefix:
                 ui.out(f"{labels.get(event.job_id, event.workflow).ljust(width)} | {event.text}")
             else:

@@ -59,8 +59,10 @@ def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for c in columns:
         t.add_column(c)
+    from rich.text import Text
+
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        t.add_row(*(v if isinstance(v, Text) else Text("" if v is None else str(v)) for v in r))
     console().print(t)
 
 
@@ -70,7 +72,14 @@ STATUS_STYLE = {
 }
 
 
-def status(s: str) -> str:
+def status(s: str) -> Any:
+    """A status as styled text (a rich Text, safe in tables)."""
+    from rich.text import Text
+
+    return Text(s, style=STATUS_STYLE.get(s, ""))
+
+
+def status_markup(s: str) -> str:
     style = STATUS_STYLE.get(s)
     return f"[{style}]{s}[/{style}]" if style else s
 
