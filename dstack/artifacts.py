@@ -46,7 +46,7 @@ class SourceFile:
     """A file found on disk, to be stored under `entry_path`."""
 
     entry_path: str
-    source: Path
+    source: str  # a plain string: pathlib is slow on 10,000 files
     st: os.stat_result
     link_target: bytes | None = None  # a symlink, kept as one
 
@@ -74,7 +74,7 @@ def _collect(root: Path, base: str, found: dict[str, SourceFile]) -> None:
     if stat.S_ISREG(st.st_mode):
         if not base:
             raise ArtifactError(f"can't save {root} as an artifact without a name")
-        found[base] = SourceFile(base, root, st)
+        found[base] = SourceFile(base, os.fspath(root), st)
         return
     if not stat.S_ISDIR(st.st_mode):
         return
@@ -85,8 +85,8 @@ def _collect(root: Path, base: str, found: dict[str, SourceFile]) -> None:
     for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         for name in [*filenames, *dirnames]:
-            path = Path(dirpath) / name
-            lst = path.lstat()
+            path = os.path.join(dirpath, name)
+            lst = os.lstat(path)
             entry_path = _join(base, name if rel_dir == "." else f"{rel_dir}/{name}")
             if stat.S_ISLNK(lst.st_mode):
                 found[entry_path] = SourceFile(entry_path, path, lst, os.fsencode(os.readlink(path)))
@@ -100,15 +100,19 @@ def store_files(
     store: ObjectStore,
     cache: DigestCache | None,
     on_progress: OnProgress | None = None,
+    under: str | None = None,
 ) -> SaveResult:
-    """Digest the files (in parallel), store each distinct content once, and return their manifest."""
+    """Digest the files (in parallel), store each distinct content once, and return their manifest.
+
+    `under`: a directory holding all the files, if known (saves the cache from working it out).
+    """
     files = sorted(files, key=lambda f: f.entry_path)
     regular = [f for f in files if f.link_target is None]
     if cache is not None:
-        digests = cache.digest_many([f.source for f in regular], [f.st for f in regular])
+        digests = cache.digest_many([f.source for f in regular], [f.st for f in regular], under=under)
     else:
         with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            digests = list(pool.map(lambda f: digest_file(f.source), regular))
+            digests = list(pool.map(lambda f: digest_file(Path(f.source)), regular))
     by_path = {f.entry_path: d for f, d in zip(regular, digests, strict=True)}
     entries: list[ManifestEntry] = []
     unique: dict[str, SourceFile] = {}
@@ -116,12 +120,16 @@ def store_files(
         if f.link_target is not None:
             digest = digest_bytes(f.link_target)
             entries.append(
-                ManifestEntry(path=f.entry_path, size=len(f.link_target), mode=S_IFLNK, digest=digest)
+                ManifestEntry.model_construct(
+                    path=f.entry_path, size=len(f.link_target), mode=S_IFLNK, digest=digest
+                )
             )
         else:
             digest = by_path[f.entry_path]
             mode = stat.S_IFMT(f.st.st_mode) | stat.S_IMODE(f.st.st_mode)
-            entries.append(ManifestEntry(path=f.entry_path, size=f.st.st_size, mode=mode, digest=digest))
+            entries.append(
+                ManifestEntry.model_construct(path=f.entry_path, size=f.st.st_size, mode=mode, digest=digest)
+            )
         unique.setdefault(digest, f)
 
     todo = {d: f for d, f in unique.items() if cache is None or not cache.is_stored(store.url, d)}
@@ -134,7 +142,7 @@ def store_files(
     def put(digest: str, f: SourceFile) -> bool:
         if f.link_target is not None:
             return store.put_bytes(f.link_target, digest)
-        return store.put_file(f.source, digest)
+        return store.put_file(Path(f.source), digest)
 
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         futures = {pool.submit(put, d, f): (d, f) for d, f in todo.items()}

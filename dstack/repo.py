@@ -130,12 +130,13 @@ def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) ->
     untracked = _zlist(_git(repo_root, "ls-files", "-z", "--others", "--exclude-standard").stdout)
 
     found: dict[str, SourceFile] = {}
+    top = os.fspath(repo_root)
     for rel in [*tracked, *untracked]:
         if rel in found:
             continue  # unmerged paths are listed once per stage
-        path = repo_root / rel
+        path = os.path.join(top, rel)
         try:
-            st = path.lstat()
+            st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             continue  # deleted but still tracked
         if stat.S_ISLNK(st.st_mode):
@@ -143,7 +144,7 @@ def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) ->
         elif stat.S_ISREG(st.st_mode):
             found[rel] = SourceFile(rel, path, st)
         # directories here are submodules: not snapshotted
-    files = store_files(found.values(), store, cache).manifest
+    files = store_files(found.values(), store, cache, under=top).manifest
     real_project = project_root.resolve()
     try:
         subdir = real_project.relative_to(repo_root.resolve()).as_posix()

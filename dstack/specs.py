@@ -54,7 +54,7 @@ class DependencySpec(_Model):
 class RetrySpec(_Model):
     limit: int = 0  # extra attempts after the first
     on: list[Literal["error", "interruption", "host-lost"]] = Field(
-        default_factory=lambda: ["interruption", "host-lost"]
+        default_factory=lambda: ["interruption", "host-lost"]  # type: ignore[arg-type,unused-ignore]
     )
 
 

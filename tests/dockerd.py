@@ -221,7 +221,7 @@ class RootFs:
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}
         self.links: dict[str, str] = {}
-        self.dirs: dict[str, int] = {"/tmp": 0o1777, "/root": 0o700}
+        self.dirs: dict[str, int] = {"/tmp": 0o1777, "/root": 0o755}
         self.texts: dict[str, str] = {
             "/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
             "/etc/group": "root:x:0:\nnogroup:x:65534:\n",
@@ -250,6 +250,7 @@ class RootFs:
             parts.append(f"{dest}={src}:{st.st_size}:{int(st.st_mtime)}")
         parts += [f"{d}->{t}" for d, t in sorted(self.links.items())]
         parts += [f"{p}:{len(t)}" for p, t in sorted(self.texts.items())]
+        parts += [f"{d}:{oct(mode)}" for d, mode in sorted(self.dirs.items())]
         return "\n".join(parts)
 
     def write_tar(self, out: Path) -> None:

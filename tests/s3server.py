@@ -21,10 +21,11 @@ SECRET_KEY = "testing"
 
 @dataclass
 class S3Server:
-    """A running S3 endpoint; `new_bucket()` makes an empty bucket for one test."""
+    """A running S3 endpoint with one bucket; `new_prefix()` gives a test an empty corner of it."""
 
     endpoint_url: str
     log: Path
+    bucket: str
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
@@ -37,10 +38,9 @@ class S3Server:
             aws_secret_access_key=SECRET_KEY,
         )
 
-    def new_bucket(self) -> str:
-        name = f"test-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
-        return name
+    def new_url(self) -> str:
+        """s3://BUCKET/PREFIX with a prefix no other test uses."""
+        return f"s3://{self.bucket}/test-{uuid.uuid4().hex[:12]}"
 
 
 def _free_ports(n: int) -> list[int]:
@@ -112,11 +112,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 tail = log.read_text(errors="replace")[-2000:]
                 pytest.fail(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.2)
-        server = S3Server(endpoint, log)
-        # the first bucket may be refused while the volume server is still registering
+        server = S3Server(endpoint, log, bucket="dstack-tests")
+        # the first bucket and the first write wait for the volume server to register and grow volumes;
+        # one bucket for the whole session (tests get their own prefix) so that happens once, here
         while True:
             try:
-                server.client().delete_bucket(Bucket=server.new_bucket())
+                client = server.client()
+                client.create_bucket(Bucket=server.bucket)
+                client.put_object(Bucket=server.bucket, Key="warm-up", Body=b"x")
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -124,17 +127,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 time.sleep(0.3)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        proc.kill()  # its data is thrown away: no need to wait for a clean shutdown
+        proc.wait(timeout=15)
 
 
 @pytest.fixture
-def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh, empty bucket, with dummy AWS credentials in the environment."""
+def s3_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """s3://bucket/prefix, empty, with dummy AWS credentials in the environment."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -143,4 +142,4 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    return s3_server.new_bucket()
+    return s3_server.new_url()

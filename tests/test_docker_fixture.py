@@ -24,3 +24,13 @@ def test_python_image_runs_stdlib_python(docker_engine: docker.DockerClient, pyt
     script = "import json, sqlite3, ssl, hashlib, sys; print(json.dumps([sys.version_info[0], 'ok']))"
     out = docker_engine.containers.run(python_image, ["python", "-c", script], remove=True)
     assert out == b'[3, "ok"]\n'
+
+
+def test_python_image_makes_venvs_as_a_non_root_user(
+    docker_engine: docker.DockerClient, python_image: str
+) -> None:
+    command = (
+        "python -m venv --without-pip /tmp/venv && /tmp/venv/bin/python -c 'import sys; print(sys.prefix)'"
+    )
+    out = docker_engine.containers.run(python_image, ["bash", "-c", command], user="65534", remove=True)
+    assert out == b"/tmp/venv\n"

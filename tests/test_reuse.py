@@ -24,8 +24,14 @@ VARIABLES = "variables:\n  train:\n    lr: 0.1\n    batch: 32\n"
 
 
 def repo_with_pipeline(make_repo) -> Path:
-    return make_repo({".dstack/workflows.yaml": PIPELINE, ".dstack/variables.yaml": VARIABLES,
-                      "data.csv": "a,b\n1,2\n", "notes.md": "hello\n"})
+    return make_repo(
+        {
+            ".dstack/workflows.yaml": PIPELINE,
+            ".dstack/variables.yaml": VARIABLES,
+            "data.csv": "a,b\n1,2\n",
+            "notes.md": "hello\n",
+        }
+    )
 
 
 def last_run(repo: Path) -> dict:
@@ -53,7 +59,11 @@ def test_sweep_runs_the_grid_with_shared_upstream_once(make_repo):
     assert [j["name"] for j in run["jobs"]].count("train") == 4
     sweep = json.loads(dstack("runs", "--sweep", run["name"], "--json", cwd=repo).out)
     assert sorted((j["variables"]["lr"], j["variables"]["batch"]) for j in sweep) == [
-        ("0.01", "32"), ("0.01", "64"), ("0.1", "32"), ("0.1", "64")]
+        ("0.01", "32"),
+        ("0.01", "64"),
+        ("0.1", "32"),
+        ("0.1", "64"),
+    ]
     assert all(j["status"] == "done" for j in sweep)
 
 

@@ -74,13 +74,18 @@ def test_same_code_and_variables_reuse_jobs(make_repo):
 
 
 def test_variables_are_quoted_never_pasted(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: echo
     commands:
       - echo ${{ msg }}
       - echo "$MSG"
-""", ".dstack/variables.yaml": "variables:\n  echo:\n    msg: hi\n"})
+""",
+            ".dstack/variables.yaml": "variables:\n  echo:\n    msg: hi\n",
+        }
+    )
     res = dstack("run", "echo", "--msg", "a; touch pwned", cwd=repo)
     assert res.out.splitlines().count("a; touch pwned") == 2
     assert not any(Path(d).name == "pwned" for d in os.listdir(repo))
@@ -95,14 +100,18 @@ def test_unknown_variable_is_an_error(make_repo):
 
 
 def test_failed_job_fails_run_and_cancels_dependents(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: a
     commands: [echo before, "false", echo never]
   - name: b
     depends-on: [a]
     commands: [echo b]
-"""})
+"""
+        }
+    )
     res = dstack("run", "b", cwd=repo, check=False)
     assert res.code == 4
     assert "before" in res.out and "never" not in res.out
@@ -112,11 +121,15 @@ workflows:
 
 
 def test_detach_then_follow_logs(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: slow
     commands: ["for i in 1 2 3; do echo tick $i; sleep 0.3; done"]
-"""})
+"""
+        }
+    )
     res = dstack("run", "slow", "-d", cwd=repo)
     assert "Detached" in res.err
     [run] = runs_json(repo)
@@ -126,11 +139,15 @@ workflows:
 
 
 def test_stop_ends_the_process_tree(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: forever
     commands: ["sleep 300 & sleep 300; wait"]
-"""})
+"""
+        }
+    )
     dstack("run", "forever", "-d", cwd=repo)
     [run] = runs_json(repo)
     deadline = time.time() + 20
@@ -160,11 +177,15 @@ def group_alive(pgid: int) -> bool:
 
 
 def test_killed_orchestrator_is_repaired(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: a
     commands: ["sleep 1", "echo finished"]
-"""})
+"""
+        }
+    )
     dstack("run", "a", "-d", cwd=repo)
     home = Path(os.environ["DSTACK_HOME"])
     import sqlite3
@@ -187,11 +208,16 @@ def test_tags_feed_later_runs(make_repo, tmp_path):
     dstack("run", "prepare", cwd=repo)
     [run] = runs_json(repo)
     dstack("tags", "add", "base", run["name"], cwd=repo)
-    write(repo, ".dstack/workflows.yaml", PIPELINE + """\
+    write(
+        repo,
+        ".dstack/workflows.yaml",
+        PIPELINE
+        + """\
   - name: report
     depends-on: ["prepare:base"]
     commands: [cat data/set.txt]
-""")
+""",
+    )
     res = dstack("run", "report", cwd=repo)
     assert "rows=10" in res.out
     tags = json.loads(dstack("tags", "list", "--json", cwd=repo).out)

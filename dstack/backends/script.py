@@ -51,11 +51,14 @@ def job_env(ctx: JobContext, passthrough: dict[str, str] | None = None) -> dict[
 
 
 def render_env(env: dict[str, str]) -> str:
-    """`export K='v'` lines; names that are not valid shell identifiers are skipped."""
+    """`export K=v` lines: only `$NAME`/`${NAME}` references in values are expanded by the shell, never
+    `$(…)` or backticks; names that are not valid shell identifiers are skipped."""
+    from dstack.workflows.variables import quote_env_value
+
     lines = []
     for key, value in env.items():
         if key and set(key) <= ENV_NAME_OK and not key[0].isdigit():
-            lines.append(f"export {key}={shlex.quote(value)}")
+            lines.append(f"export {key}={quote_env_value(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -134,11 +134,13 @@ def _print_help(ctx: typer.Context, workflow: str | None) -> None:
             return
         raise
     if not workflow:
-        rows = []
+        from rich.text import Text
+
+        rows: list[list[object]] = []
         for name in project.names():
             error = project.error(name)
             helptext = project.help(name) or ""
-            rows.append([name, f"[red]broken:[/red] {error}" if error else helptext])
+            rows.append([name, Text(f"broken: {error}", style="red") if error else helptext])
         ui.out("")
         ui.table(["Workflow", "Help"], rows, title=f"Workflows in {project.root}")
         return

@@ -7,7 +7,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -30,7 +30,6 @@ CREATE TABLE IF NOT EXISTS stored (
 ) WITHOUT ROWID;
 """
 _FLUSH_EVERY = 2000
-_Row = tuple[int, int, int, int, str]
 
 
 def _key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -77,19 +76,35 @@ class DigestCache:
             return str(row[4])
         return self._compute(name, st)
 
-    def digest_many(self, paths: Iterable[Path], stats: Iterable[os.stat_result] | None = None) -> list[str]:
-        """Digests of many files, in order: one range query for the cached ones, one write transaction."""
+    def digest_many(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        stats: Sequence[os.stat_result] | None = None,
+        under: str | None = None,
+    ) -> list[str]:
+        """Digests of many files, in order: one range query for the cached ones, one write transaction.
+
+        `under`: an absolute directory holding all the paths, if the caller knows it.
+        """
         names = [_abspath(p) for p in paths]
         sts = list(stats) if stats is not None else [os.stat(n) for n in names]
         if not names:
             return []
-        known = self._rows_under(os.path.commonpath(names) if len(names) > 1 else names[0])
+        if under is None:
+            under = os.path.commonpath(names) if len(names) > 1 else names[0]
+        known = self._rows_under(under)
         out: list[str] = []
         misses: list[int] = []
         for i, (name, st) in enumerate(zip(names, sts, strict=True)):
             row = known.get(name)
-            if row is not None and row[:4] == _key(st):
-                out.append(row[4])
+            if (
+                row is not None
+                and row[1] == st.st_size
+                and row[2] == st.st_mtime_ns
+                and row[3] == st.st_ctime_ns
+                and row[4] == st.st_ino
+            ):
+                out.append(row[5])
             else:
                 out.append("")
                 misses.append(i)
@@ -105,7 +120,7 @@ class DigestCache:
         self.flush()
         return out
 
-    def _rows_under(self, prefix: str) -> dict[str, _Row]:
+    def _rows_under(self, prefix: str) -> dict[str, tuple[str, int, int, int, int, str]]:
         # a range scan on the primary key: every cached path that starts with `prefix`
         with self._lock:
             rows = self._db.execute(
@@ -113,7 +128,7 @@ class DigestCache:
                 " WHERE path >= ? AND path < ?",
                 (prefix, prefix + "\U0010ffff"),
             ).fetchall()
-        return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
+        return {r[0]: r for r in rows}
 
     def _compute(self, name: str, st: os.stat_result) -> str:
         digest = digest_file(Path(name))
@@ -188,6 +203,6 @@ class DigestCache:
         self.close()
 
 
-def _abspath(path: Path) -> str:
+def _abspath(path: str | os.PathLike[str]) -> str:
     name = os.fspath(path)
     return name if os.path.isabs(name) else os.path.abspath(name)

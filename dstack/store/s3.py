@@ -58,6 +58,7 @@ class S3ObjectStore(ObjectStore):
         endpoint_url: str | None = None,
         region: str | None = None,
         profile: str | None = None,
+        max_attempts: int = 5,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -71,7 +72,7 @@ class S3ObjectStore(ObjectStore):
             raise StorageError(f"can't use AWS profile {profile!r}: {e}") from e
         config = Config(
             max_pool_connections=4 * _WORKERS,
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)

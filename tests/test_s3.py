@@ -1,0 +1,113 @@
+"""What only the S3 store does: multipart uploads, chunked resumable downloads, presigned URLs, URL errors.
+
+The behaviour shared with the local store (stored once, corruption caught, path escapes, resume) is
+tested against both in test_artifacts.py.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+import pytest
+from s3server import S3Server, s3_server, s3_url  # noqa: F401  (fixtures)
+
+from dstack.errors import StorageError, UsageError
+from dstack.hashing import digest_bytes
+from dstack.store import s3 as s3mod
+from dstack.store.objects import open_store
+from dstack.store.s3 import S3ObjectStore, parse_s3_url
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> S3Server:
+    return request.getfixturevalue("s3_server")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, server: S3Server) -> S3ObjectStore:
+    url: str = request.getfixturevalue("s3_url")
+    return S3ObjectStore(url, endpoint_url=server.endpoint_url, region="us-east-1")
+
+
+def test_big_file_multipart_and_chunked_resume(store: S3ObjectStore, tmp_path: Path) -> None:
+    data = os.urandom(s3mod.MULTIPART_THRESHOLD + 1234)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    d = digest_bytes(data)
+    assert store.put_file(src, d) is True
+    assert store.put_file(src, d) is False
+    # an interrupted download: chunk 0 done, the rest not
+    dest = tmp_path / "out" / "big.bin"
+    dest.parent.mkdir()
+    part = dest.parent / f".big.bin.{d[:16]}.part"
+    part.write_bytes(data[: s3mod.CHUNK] + b"\0" * (len(data) - s3mod.CHUNK))
+    Path(f"{part}.chunks").write_text("[0]")
+    ranges: list[str] = []
+
+    def record(params: dict[str, dict[str, str]], **_: object) -> None:
+        ranges.append(params.get("headers", {}).get("Range", ""))
+
+    store.client.meta.events.register("before-call.s3.GetObject", record)
+    store.get_file(d, dest)
+    assert dest.read_bytes() == data
+    assert ranges == [f"bytes={s3mod.CHUNK}-{len(data) - 1}"]
+    assert not part.exists() and not Path(f"{part}.chunks").exists()
+
+
+def test_a_bad_resumed_part_is_downloaded_again(store: S3ObjectStore, tmp_path: Path) -> None:
+    data = b"0123456789" * 100
+    d = digest_bytes(data)
+    store.put_bytes(data, d)
+    dest = tmp_path / "f"
+    part = tmp_path / f".f.{d[:16]}.part"
+    part.write_bytes(b"X" * len(data))
+    Path(f"{part}.chunks").write_text("[0]")  # claims done, but garbage
+    store.get_file(d, dest)
+    assert dest.read_bytes() == data
+
+
+def test_presigned_urls(store: S3ObjectStore) -> None:
+    d = digest_bytes(b"uploaded without credentials")
+    req = urllib.request.Request(store.presigned_put(d), data=b"uploaded without credentials", method="PUT")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    assert store.has(d)
+    with urllib.request.urlopen(store.presigned_get(d), timeout=10) as resp:
+        assert resp.read() == b"uploaded without credentials"
+
+
+def test_url_parsing() -> None:
+    assert parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert parse_s3_url("s3://bucket") == ("bucket", "")
+    with pytest.raises(UsageError, match="no bucket"):
+        parse_s3_url("s3:///x")
+    with pytest.raises(UsageError, match="not an S3 URL"):
+        parse_s3_url("http://x")
+
+
+def test_open_store_gives_s3(server: S3Server, store: S3ObjectStore) -> None:
+    opened = open_store(store.url, endpoint_url=server.endpoint_url, region="us-east-1")
+    assert isinstance(opened, S3ObjectStore) and opened.url == store.url
+
+
+def test_missing_bucket_is_a_storage_error(server: S3Server, store: S3ObjectStore) -> None:
+    missing = S3ObjectStore(
+        "s3://no-such-bucket-here/x", endpoint_url=server.endpoint_url, region="us-east-1"
+    )
+    with pytest.raises(StorageError, match="s3://no-such-bucket-here/x: can't write"):
+        missing.put_meta("k", b"v")
+
+
+def test_unreachable_endpoint_is_a_storage_error() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        dead = S3ObjectStore(
+            "s3://b/x", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", max_attempts=1
+        )
+        with pytest.raises(StorageError, match="s3://b/x: can't read .* check the AWS credentials"):
+            dead.has("0" * 64)
