@@ -114,26 +114,22 @@ def store_files(
         with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
             digests = list(pool.map(lambda f: digest_file(Path(f.source)), regular))
     by_path = {f.entry_path: d for f, d in zip(regular, digests, strict=True)}
-    entries: list[ManifestEntry] = []
+    entries: list[dict[str, object]] = []  # validated at once below: much faster than one by one
     unique: dict[str, SourceFile] = {}
     for f in files:
         if f.link_target is not None:
             digest = digest_bytes(f.link_target)
             entries.append(
-                ManifestEntry.model_construct(
-                    path=f.entry_path, size=len(f.link_target), mode=S_IFLNK, digest=digest
-                )
+                {"path": f.entry_path, "size": len(f.link_target), "mode": S_IFLNK, "digest": digest}
             )
         else:
             digest = by_path[f.entry_path]
             mode = stat.S_IFMT(f.st.st_mode) | stat.S_IMODE(f.st.st_mode)
-            entries.append(
-                ManifestEntry.model_construct(path=f.entry_path, size=f.st.st_size, mode=mode, digest=digest)
-            )
+            entries.append({"path": f.entry_path, "size": f.st.st_size, "mode": mode, "digest": digest})
         unique.setdefault(digest, f)
 
     todo = {d: f for d, f in unique.items() if cache is None or not cache.is_stored(store.url, d)}
-    result = SaveResult(manifest=Manifest(entries=entries))
+    result = SaveResult(manifest=Manifest.model_validate({"entries": entries}))
     total_bytes = sum(
         len(f.link_target) if f.link_target is not None else f.st.st_size for f in todo.values()
     )

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from dstack.store.objects import Manifest, ObjectStore
 
 
+REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
+
+
 @dataclass
 class RunRequest:
     """What `dstack run` was asked."""
@@ -274,6 +277,7 @@ class Orchestrator:
         self._local_capacity: Capacity | None = None
         self._code: Manifest | None = None
         self._log_offsets: dict[str, int] = {}
+        self._rt_synced: dict[str, float] = {}
 
     def runner(self, name: str) -> Runner:
         from dstack.runners import open_runner
@@ -408,6 +412,7 @@ class Orchestrator:
             self._mirror_log(runner, job)
         state = runner.poll_job(job.id)
         if state.status == "running":
+            self._sync_real_time(runner, job)
             return
         if job.runner != "local":
             self._mirror_log(runner, job)
@@ -420,7 +425,7 @@ class Orchestrator:
             except DstackError as e:
                 self._fail(job, f"saving artifacts failed: {e}")
                 return
-            name = f"jobs/{job.id}"
+            name = f"jobs/{job.id}/attempt-{job.attempt}"
             self.store.put_manifest(name, manifest)
             rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
             status, reason = "done", None
@@ -434,6 +439,29 @@ class Orchestrator:
         else:
             self._retry_or_fail(job, spec, state.reason or "the job was lost", "host-lost")
         runner.cleanup_job(job.id, keep=self.run.keep)
+
+    def _sync_real_time(self, runner: Runner, job: Job) -> None:
+        """Save `real-time` (and `mount`) artifacts while the job runs, so a checkpoint outlives the host."""
+        from dstack.specs import JobSpec
+
+        if not any(a.get("real_time") or a.get("mount") for a in job.spec.get("artifacts", [])):
+            return
+        now = time.monotonic()
+        if now - self._rt_synced.get(job.id, 0.0) < REAL_TIME_INTERVAL:
+            return
+        self._rt_synced[job.id] = now
+        spec = JobSpec.model_validate(job.spec)
+        spec.artifacts = [a for a in spec.artifacts if a.real_time or a.mount]
+        try:
+            manifest, _ = runner.collect_artifacts(job.id, spec, self.store, self.run.working_subdir)
+        except DstackError:
+            return
+        if not manifest.entries:
+            return
+        name = f"jobs/{job.id}/rt-{manifest.digest()[:16]}"
+        self.store.put_manifest(name, manifest)
+        rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
+        self.state.save_artifact_rows(job.id, rows, name)
 
     def _retry_or_fail(self, job: Job, spec: Any, reason: str, kind: str) -> None:
         retry = spec.retry

@@ -31,7 +31,7 @@ def add_tag(state: State, name: str, run_ref: str | None = None, from_path: Path
         now = time.time()
         run_id = uuid.uuid4().hex
         job_id = f"tag-{name}-{uuid.uuid4().hex[:6]}"
-        manifest_name = f"jobs/{job_id}"
+        manifest_name = f"jobs/{job_id}/attempt-1"
         store.put_manifest(manifest_name, manifest)
         run = Run(id=run_id, name=f"upload-{name}-{run_id[:6]}", workflow=name, status="done",
                   project_root=str(from_path.resolve().parent), repo_root=str(from_path.resolve().parent),

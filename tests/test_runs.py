@@ -242,3 +242,35 @@ def test_state_file_is_private(make_repo):
     home = Path(os.environ["DSTACK_HOME"])
     assert (home / "state.sqlite").stat().st_mode & 0o777 == 0o600
     assert home.stat().st_mode & 0o777 == 0o700
+
+
+def test_real_time_artifacts_outlive_a_killed_job(make_repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "0.2")
+    repo = make_repo({".dstack/workflows.yaml": """\
+workflows:
+  - name: train
+    commands:
+      - mkdir -p ckpt
+      - echo epoch-1 > ckpt/last.txt
+      - sleep 300
+    artifacts:
+      - path: ckpt
+        real-time: true
+"""})
+    dstack("run", "train", "-d", cwd=repo)
+    name = runs_json(repo)[0]["name"]
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        listing = json.loads(dstack("artifacts", "list", name, "--json", cwd=repo).out)
+        if listing:
+            break
+        time.sleep(0.2)
+    assert [a["name"] for a in listing] == ["ckpt/last.txt"]
+    home = Path(os.environ["DSTACK_HOME"])
+    pid = int(next(home.glob("jobs/*/pid")).read_text())
+    os.killpg(pid, signal.SIGKILL)  # the job dies mid-way, as a host would
+    dstack("logs", "-f", name, cwd=repo, check=False)
+    [run] = runs_json(repo)
+    assert run["status"] == "failed"
+    dstack("artifacts", "download", name, "-o", str(tmp_path / "out"), cwd=repo)
+    assert (tmp_path / "out/ckpt/last.txt").read_text() == "epoch-1\n"
