@@ -89,6 +89,12 @@ def resolve_tag(state: State, dep: DependencySpec, workflow: str) -> TagInput:
     assert dep.tag is not None
     tag = state.tag(dep.tag)
     if tag is None:
+        from dstack.shared_tags import import_tag
+        from dstack.store import open_object_store
+
+        if import_tag(state, open_object_store(state), dep.tag):
+            tag = state.tag(dep.tag)
+    if tag is None:
         raise ConfigError(
             f"workflow '{workflow}' depends on '{dep.label()}', but there is no tag '{dep.tag}'",
             hint=f"run the workflow and `dstack tags add {dep.tag} RUN`, or see `dstack tags list`")

@@ -57,4 +57,33 @@ def add_tag(state: State, name: str, run_ref: str | None = None, from_path: Path
     state.add_tag(name, run.id, replace=force)
     tag = state.tag(name)
     assert tag is not None
+    from dstack.shared_tags import publish_tag
+    from dstack.store import open_object_store
+
+    publish_tag(state, open_object_store(state), tag)
     return tag
+
+
+def list_tags(state: State) -> list[Tag]:
+    """Tags of this state and, with a shared store, every tag in it (imported on the way)."""
+    from dstack.shared_tags import import_tag, shared_tag_names
+    from dstack.store import open_object_store
+
+    store = open_object_store(state)
+    local = {t.name for t in state.tags()}
+    for name in shared_tag_names(store):
+        if name not in local:
+            import_tag(state, store, name)
+    return state.tags()
+
+
+def delete_tag(state: State, name: str) -> None:
+    """Delete a tag here and in the shared store (the run and its artifacts stay)."""
+    from dstack.shared_tags import unpublish_tag
+    from dstack.store import open_object_store
+
+    store = open_object_store(state)
+    existed = store.get_meta(f"tags/{name}") is not None
+    unpublish_tag(store, name)
+    if state.tag(name) is not None or not existed:
+        state.delete_tag(name)

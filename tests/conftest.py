@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dockerd import busybox_image, docker_engine, python_image  # noqa: F401  (fixtures)
-from helpers import Result, init_repo
-from typer.testing import CliRunner
+from helpers import DstackCliRunner, init_repo
 
 MakeRepo = Callable[..., Path]
 
@@ -51,41 +49,6 @@ def make_repo(tmp_path: Path) -> MakeRepo:
         return init_repo(repo, files, commit=commit)
 
     return make
-
-
-@contextmanager
-def _chdir(path: Path | str | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-class DstackCliRunner(CliRunner):
-    """typer's CliRunner plus `run(*args)` that invokes `dstack.cli.main.app` in-process."""
-
-    def run(
-        self, *args: str, cwd: Path | str | None = None, input: str | None = None, check: bool = True
-    ) -> Result:
-        """Invoke the app with `args` (in `cwd`); with `check=True` a non-zero exit fails the test."""
-        from dstack.cli.main import app
-
-        with _chdir(cwd):
-            res = self.invoke(app, list(args), input=input, catch_exceptions=True)
-        result = Result(res.exit_code, res.stdout, res.stderr)
-        if check and res.exit_code != 0:
-            detail = result.describe(args)
-            if res.exception is not None and not isinstance(res.exception, SystemExit):
-                import traceback
-
-                detail += "\n--- exception ---\n" + "".join(traceback.format_exception(res.exception))
-            pytest.fail(detail)
-        return result
 
 
 @pytest.fixture

@@ -6,10 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
@@ -112,3 +115,38 @@ def dstack(
     if check and result.code != 0:
         pytest.fail(result.describe(args))
     return result
+
+
+@contextmanager
+def _chdir(path: Path | str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class DstackCliRunner(CliRunner):
+    """typer's CliRunner plus `run(*args)` that invokes `dstack.cli.main.app` in-process."""
+
+    def run(
+        self, *args: str, cwd: Path | str | None = None, input: str | None = None, check: bool = True
+    ) -> Result:
+        """Invoke the app with `args` (in `cwd`); with `check=True` a non-zero exit fails the test."""
+        from dstack.cli.main import app
+
+        with _chdir(cwd):
+            res = self.invoke(app, list(args), input=input, catch_exceptions=True)
+        result = Result(res.exit_code, res.stdout, res.stderr)
+        if check and res.exit_code != 0:
+            detail = result.describe(args)
+            if res.exception is not None and not isinstance(res.exception, SystemExit):
+                import traceback
+
+                detail += "\n--- exception ---\n" + "".join(traceback.format_exception(res.exception))
+            pytest.fail(detail)
+        return result

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import EXAMPLES, copy_example, dstack
+from helpers import EXAMPLES, DstackCliRunner, copy_example, dstack
 
 DIGITS = EXAMPLES / "digits"
 
@@ -107,3 +107,10 @@ def test_pipeline_runs_through_the_cli(digits: Path, tmp_path: Path) -> None:
     dstack("tags", "add", "digits-model", run_name, cwd=digits)
     tags = json.loads(dstack("tags", "list", "--json", cwd=digits).out)
     assert any(tag.get("name") == "digits-model" for tag in tags), tags
+
+
+@pytest.mark.skipif(cli_missing, reason="dstack.cli.main is not written yet")
+def test_run_help_lists_the_example_workflows(digits: Path, cli_runner: DstackCliRunner) -> None:
+    out = cli_runner.run("run", "--help", cwd=digits).out
+    for name in ("prepare", "train", "evaluate"):
+        assert name in out

@@ -1,24 +1,43 @@
-"""`dstack config`: where artifacts are stored."""
+"""`dstack config`: where artifacts are stored, and cloud settings."""
 
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Configure dstack (artifact storage).", no_args_is_help=True)
+app = typer.Typer(help="Configure dstack: artifact storage, AWS.", no_args_is_help=True)
 
 
 @app.command("show")
 def show(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Print the configuration."""
-    import json
-
     from dstack.cli import ui
     from dstack.home import home
+    from dstack.settings import read_settings
     from dstack.store.state import open_state
 
     with open_state() as state:
-        storage = json.loads(state.setting("storage") or "{}") or {"url": str(home() / "artifacts")}
+        settings = read_settings(state)
     if as_json:
-        ui.print_json({"home": str(home()), "storage": storage})
+        ui.print_json({"home": str(home()), **settings})
         return
-    ui.table(["Setting", "Value"], [["home", str(home())]] + [[f"storage.{k}", v] for k, v in storage.items()])
+    rows = [["home", str(home())]]
+    for section, values in settings.items():
+        rows += [[f"{section}.{k}", v] for k, v in values.items()]
+    ui.table(["Setting", "Value"], rows)
+
+
+@app.command("storage")
+def storage(
+    url: str = typer.Argument(..., help="`local`, or s3://bucket/prefix"),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", help="An S3-compatible server's URL."),
+    region: str = typer.Option(None, "--region", help="The bucket's region."),
+    profile: str = typer.Option(None, "--profile", help="An AWS profile from ~/.aws (credentials stay there)."),
+) -> None:
+    """Store artifacts locally (the default) or in an S3 bucket (credentials from boto3's usual chain)."""
+    from dstack.cli import ui
+    from dstack.settings import set_storage
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        conf = set_storage(state, url, endpoint_url=endpoint_url, region=region, profile=profile)
+    ui.info(f"Artifacts are stored in {conf['url']}.")

@@ -184,10 +184,10 @@ def job_labels(jobs_: list) -> dict[str, str]:  # type: ignore[type-arg]
 
 def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failure: bool = True) -> None:
     """Print a run's output as it comes, prefixed by job when several jobs run; exit non-zero if it failed."""
-    from dstack.cli import ui
-    from dstack.errors import RunError
     from rich.markup import escape
 
+    from dstack.cli import ui
+    from dstack.errors import RunError
     from dstack.runs import follow_run
 
     jobs_ = state.jobs(run_id)

@@ -33,9 +33,10 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     """List tags."""
     from dstack.cli import ui
     from dstack.store.state import open_state
+    from dstack.tags import list_tags
 
     with open_state() as state:
-        tags = state.tags()
+        tags = list_tags(state)
     if as_json:
         ui.print_json([{"name": t.name, "run": t.run_name, "workflows": t.workflows,
                         "created_at": t.created_at} for t in tags])
@@ -52,7 +53,8 @@ def delete(name: str = typer.Argument(..., help="The tag.")) -> None:
     """Delete a tag (the run and its artifacts stay)."""
     from dstack.cli import ui
     from dstack.store.state import open_state
+    from dstack.tags import delete_tag
 
     with open_state() as state:
-        state.delete_tag(name)
+        delete_tag(state, name)
     ui.info(f"Deleted tag {name}.")
