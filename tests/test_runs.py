@@ -274,3 +274,79 @@ workflows:
     assert run["status"] == "failed"
     dstack("artifacts", "download", name, "-o", str(tmp_path / "out"), cwd=repo)
     assert (tmp_path / "out/ckpt/last.txt").read_text() == "epoch-1\n"
+
+
+def test_cycle_is_an_error_naming_it(make_repo):
+    repo = make_repo({".dstack/workflows.yaml": """\
+workflows:
+  - name: a
+    depends-on: [b]
+    commands: [echo a]
+  - name: b
+    depends-on: [a]
+    commands: [echo b]
+"""})
+    res = dstack("run", "a", cwd=repo, check=False)
+    assert res.code == 2
+    assert "cycle: a → b → a" in res.err
+    assert len(res.err.strip().splitlines()) == 1
+
+
+def test_unknown_dependency_or_tag_is_an_error(make_repo):
+    repo = make_repo({".dstack/workflows.yaml": """\
+workflows:
+  - name: a
+    depends-on: [nope]
+    commands: [echo a]
+  - name: b
+    depends-on: ["a:missing-tag"]
+    commands: [echo b]
+  - name: c
+    commands: [echo c]
+"""})
+    res = dstack("run", "a", cwd=repo, check=False)
+    assert res.code == 2 and "'nope'" in res.err
+    res = dstack("run", "b", cwd=repo, check=False)
+    assert res.code == 2 and "no tag 'missing-tag'" in res.err
+    assert "c" in dstack("run", "c", cwd=repo).out
+
+
+def test_not_a_git_repo_and_no_dstack_folder(tmp_path, make_repo):
+    plain = tmp_path / "plain"
+    (plain / ".dstack").mkdir(parents=True)
+    (plain / ".dstack/workflows.yaml").write_text("workflows:\n  - name: a\n    commands: [echo a]\n")
+    res = dstack("run", "a", cwd=plain, check=False)
+    assert res.code == 2 and "Git" in res.err and "Traceback" not in res.err
+    bare = make_repo({"README": "x"}, name="bare")
+    res = dstack("run", "a", cwd=bare, check=False)
+    assert res.code == 2 and "no .dstack/ folder" in res.err and "dstack init" in res.err
+
+
+def test_two_runs_at_once(make_repo):
+    import subprocess
+    import sys
+
+    repo = make_repo({".dstack/workflows.yaml": """\
+workflows:
+  - name: a
+    commands: ["sleep 0.5", "echo one-$x"]
+""", ".dstack/variables.yaml": "variables:\n  a:\n    x: 0\n"})
+    procs = [subprocess.Popen([sys.executable, "-m", "dstack", "run", "a", "--x", str(i)], cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert sorted(o[0].strip() for o in outs) == ["one-0", "one-1", "one-2"]
+    assert sorted(r["status"] for r in runs_json(repo)) == ["done"] * 3
+
+
+def test_init_schema_version(make_repo):
+    repo = make_repo({"README": "x"})
+    dstack("init", cwd=repo)
+    res = dstack("run", "hello", "--name", "researcher", cwd=repo)
+    assert "Hello, researcher!" in res.out
+    schema = json.loads(dstack("schema", cwd=repo).out)
+    assert "workflows" in json.dumps(schema)
+    assert dstack("--version").out.startswith("dstack ")
+    listing = dstack("run", "--help", cwd=repo).out
+    assert "hello" in listing and "Say hello" in listing
+    assert "--name" in dstack("run", "hello", "--help", cwd=repo).out

@@ -47,6 +47,15 @@ def local_memory_mib() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024))
 
 
+def docker_answers() -> bool:
+    """Whether a Docker engine answers here (a CLI alone, or a socket nobody serves, is not enough)."""
+    if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
+        return False  # no engine to ask: skip importing the docker SDK
+    from dstack.backends.docker import engine_answers
+
+    return engine_answers()
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,7 +104,7 @@ class LocalRunner(Runner):
         return Capacity(
             cpus=float(os.cpu_count() or 1), memory_mib=local_memory_mib(), gpus=local_gpus(),
             disk_free_mib=disk.free // (1024 * 1024),
-            docker=os.path.exists("/var/run/docker.sock") or bool(os.environ.get("DOCKER_HOST")),
+            docker=docker_answers(),
             os=f"{platform.system()} {platform.release()}", python=platform.python_version(),
             rsync=bool(shutil.which("rsync")))
 
@@ -103,6 +112,10 @@ class LocalRunner(Runner):
         from dstack.artifacts import restore_artifacts
         from dstack.repo import checkout_files
 
+        if ctx.spec.image:
+            from dstack.backends.docker import check_local_image
+
+            check_local_image(ctx.spec.image)  # a missing image fails the job at once, with how to load it
         jd = self.job_dir(ctx.job_id)
         work = jd / "work"
         work.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,23 @@ RUN_SH = """#!/usr/bin/env bash
 # dstack job wrapper: pid, log and exit code live next to this file.
 cd "$(dirname "$0")" || exit 1
 echo $$ > pid.tmp && mv pid.tmp pid
-bash ./job.sh > log 2>&1 < /dev/null
+# a job with an image runs in a container named in ./container: it goes when the job ends or is stopped
+remove_container() {
+  if [ -s container ]; then docker rm -f "$(cat container)" >/dev/null 2>&1; rm -f container; fi
+}
+on_stop() {
+  remove_container
+  kill -TERM "$child" 2>/dev/null
+  wait "$child"
+  echo 143 > exit.tmp && mv exit.tmp exit
+  exit 143
+}
+trap on_stop TERM INT
+bash ./job.sh > log 2>&1 < /dev/null &
+child=$!
+wait "$child"
 code=$?
+remove_container
 echo $code > exit.tmp && mv exit.tmp exit
 """
 
@@ -68,10 +83,12 @@ def python_setup(ctx: JobContext, venv_root: str, requirements_digest: str | Non
     if py is None:
         return ""
     want = f"python{py.version}" if py.version else "python3"
+    # the real interpreter, not a launcher (a pyenv shim answers to any name but runs another version)
+    real = "-c 'import sys; print(sys.executable)'"
     lines = [
         f"want={shlex.quote(want)}",
-        'if command -v "$want" >/dev/null 2>&1; then py=$(command -v "$want"); '
-        'else py=$(command -v python3); echo "dstack: $want not found on this runner;'
+        f'if py=$("$want" {real} 2>/dev/null) && [ -n "$py" ]; then :; '
+        f'else py=$(python3 {real}); echo "dstack: $want not found on this runner;'
         ' using $("$py" --version 2>&1)" >&2; fi',
     ]
     if py.requirements and requirements_digest:
@@ -81,6 +98,7 @@ def python_setup(ctx: JobContext, venv_root: str, requirements_digest: str | Non
             f'venv="{venv}"',
             'mkdir -p "$(dirname "$venv")"',
             '( flock 9; if [ ! -e "$venv/.ready" ]; then rm -rf "$venv";'
+            ' echo "dstack: installing $(basename "$py") requirements from "' + req + '" (cached for next runs)" >&2;'
             ' "$py" -m venv --system-site-packages "$venv" &&'
             f' "$venv/bin/python" -m pip install -q --disable-pip-version-check -r {req} &&'
             ' touch "$venv/.ready"; fi ) 9>"$venv.lock"',
@@ -93,8 +111,14 @@ def python_setup(ctx: JobContext, venv_root: str, requirements_digest: str | Non
 
 
 def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_digest: str | None = None) -> str:
-    """The job's own script: environment, working directory, python set-up, then the commands with `set -e`."""
+    """The job's own script: environment, working directory, python set-up, then the commands with `set -e`;
+    for a job with an image, the `docker run` of those commands on the runner instead."""
     spec = ctx.spec
+    if spec.image:
+        from dstack.backends.docker import render_container_job
+
+        keys = list(job_env(ctx)) + [k for k in spec.passthrough_env if k not in spec.env]
+        return render_container_job(ctx, job_dir, keys)
     workdir = f"{job_dir}/work/{ctx.working_subdir}/{spec.working_dir}".replace("/./", "/")
     parts = [
         "#!/usr/bin/env bash",
