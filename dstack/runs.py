@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstack.errors import DstackError, RunError, UsageError
+from dstack.errors import DstackError, HostError, RunError, UsageError
 from dstack.store.state import ACTIVE_JOB, ACTIVE_RUN, ArtifactRow, Job, Run, State
 
 if TYPE_CHECKING:
-    from dstack.backends.base import Capacity, Runner
+    from dstack.backends.base import Capacity, JobState, Runner
     from dstack.store.objects import Manifest, ObjectStore
 
 
 REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
+HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "20"))  # noticed within 30 s
 
 
 @dataclass
@@ -248,8 +249,8 @@ def _orchestrator_child(run_id: str, log: Path, expect: int | None) -> None:
         os.dup2(null, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
         code = 0
         try:
             orchestrate(run_id, expect)
@@ -278,6 +279,7 @@ class Orchestrator:
         self._code: Manifest | None = None
         self._log_offsets: dict[str, int] = {}
         self._rt_synced: dict[str, float] = {}
+        self._unreachable_since: dict[str, float] = {}
 
     def runner(self, name: str) -> Runner:
         from dstack.runners import open_runner
@@ -307,6 +309,9 @@ class Orchestrator:
         run = self.state.run(self.run.id)
         if run.status not in ACTIVE_RUN:
             return True
+        from dstack.backends import ec2
+
+        ec2.reap_idle(self.state)
         jobs = self.state.jobs(run.id)
         by_id = {j.id: j for j in jobs}
         for job in jobs:
@@ -356,6 +361,18 @@ class Orchestrator:
         fitting = [s for s in slots if reasons[s.name] is None]
         if not fitting:
             why = "; ".join(f"{n}: not enough {r}" for n, r in reasons.items()) or "no runner is enabled"
+            from dstack.backends import ec2
+
+            if not pin and ec2.configured(self.state):
+                try:
+                    launched = ec2.launch_for(self.state, spec)
+                except DstackError as e:
+                    self._fail(job, f"no runner fits this job and launching one failed: {e}")
+                    return
+                if launched is not None:
+                    self.state.set_job(job.id, status="waiting", reason=f"launched {launched} for it")
+                    return
+                why += f"; ec2: {ec2.why_not(self.state, spec)}"
             self._fail(job, f"no runner could ever fit this job — {why}")
             return
         chosen = None
@@ -410,7 +427,12 @@ class Orchestrator:
         runner = self.runner(job.runner or "local")
         if job.runner != "local":
             self._mirror_log(runner, job)
-        state = runner.poll_job(job.id)
+        try:
+            state = runner.poll_job(job.id)
+        except HostError as e:
+            state = self._host_unreachable(job, e)
+            if state is None:
+                return
         if state.status == "running":
             self._sync_real_time(runner, job)
             return
@@ -439,6 +461,21 @@ class Orchestrator:
         else:
             self._retry_or_fail(job, spec, state.reason or "the job was lost", "host-lost")
         runner.cleanup_job(job.id, keep=self.run.keep)
+
+    def _host_unreachable(self, job: Job, error: HostError) -> JobState | None:
+        """A host that stops answering for HOST_LOST_S seconds loses its jobs (None: keep waiting)."""
+        from dstack.backends import ec2
+        from dstack.backends.base import JobState
+
+        name = job.runner or "local"
+        first = self._unreachable_since.setdefault(name, time.monotonic())
+        if ec2.configured(self.state) and ec2.check_host(self.state, name) is not None:
+            return None  # the instance is gone: its jobs were interrupted (and placed again if allowed)
+        if time.monotonic() - first < HOST_LOST_S:
+            return None
+        self.state.db.execute("UPDATE hosts SET status = 'unreachable', last_error = ? WHERE name = ?",
+                              (str(error), name))
+        return JobState("lost", reason=f"host {name} stopped answering: {error}")
 
     def _sync_real_time(self, runner: Runner, job: Job) -> None:
         """Save `real-time` (and `mount`) artifacts while the job runs, so a checkpoint outlives the host."""

@@ -140,7 +140,10 @@ class SSHDFactory:
             "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
             "Subsystem sftp internal-sftp\nAllowTcpForwarding yes\nMaxSessions 64\nMaxStartups 100\n"
             "ClientAliveInterval 0\nLogLevel ERROR\n"
+            # each server is its own machine: ~/.dstack there (caches, jobs) is not the tester's
+            f"SetEnv HOME={path}/home\n"
         )
+        (path / "home").mkdir(exist_ok=True)
 
     def loopback(self, port: int | None = None) -> SSHServer:
         """An sshd on 127.0.0.1 at a free port."""

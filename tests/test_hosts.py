@@ -23,7 +23,7 @@ from dstack.backends.ssh import SSHRunner
 from dstack.errors import HostError, NotFoundError, UsageError
 from dstack.specs import ArtifactSpec, JobSpec
 from dstack.ssh.connection import close_all, known_hosts_path
-from dstack.store.objects import LocalObjectStore
+from dstack.store.objects import LocalObjectStore, ObjectStore
 from dstack.store.state import State
 
 pytestmark = pytest.mark.usefixtures("ssh_pool")
@@ -74,7 +74,12 @@ def test_probe_local_matches_this_machine() -> None:
 
 def test_add_host_pins_probes_and_stores(state: State, sshd: SSHServer) -> None:
     seen: list[str] = []
-    host = add(state, sshd, accept=lambda fp: seen.append(fp) or True)
+
+    def accept(fp: str) -> bool:
+        seen.append(fp)
+        return True
+
+    host = add(state, sshd, accept=accept)
     assert seen and seen[0].startswith("SHA256:")
     assert (host.name, host.kind, host.hostname, host.port, host.user) == (
         "box",
@@ -186,7 +191,7 @@ def make_ctx(
     commands: list[str],
     artifacts: list[str] | None = None,
     deps: list[DependencyArtifacts] | None = None,
-    store: LocalObjectStore | None = None,
+    store: ObjectStore | None = None,
 ) -> JobContext:
     from dstack.artifacts import manifest_from_path
 
@@ -278,7 +283,7 @@ def test_runner_reports_failure_and_stops_jobs(runner: SSHRunner, tmp_path: Path
     assert runner.poll_job("long").status == "running"
     runner.stop_job("long")
     state = runner.poll_job("long")
-    assert state.status == "lost"
+    assert state.status in ("exited", "lost") and state.exit_code in (143, None)
 
 
 def test_runner_reattaches_from_a_new_process_state(runner: SSHRunner, state: State, tmp_path: Path) -> None:
@@ -298,6 +303,17 @@ def test_runner_reattaches_from_a_new_process_state(runner: SSHRunner, state: St
             break
         time.sleep(0.05)
     assert log.decode().splitlines() == [f"tick {i}" for i in range(1, 7)]
+
+
+def test_runner_polls_many_jobs_in_one_command(runner: SSHRunner, tmp_path: Path) -> None:
+    runner.start_job(make_ctx(tmp_path, "quick", ["exit 3"]))
+    runner.start_job(make_ctx(tmp_path, "slow", ["sleep 30"]))
+    wait_exit(runner, "quick")
+    states = runner.poll_jobs(["quick", "slow", "never"])
+    assert (states["quick"].status, states["quick"].exit_code) == ("exited", 3)
+    assert states["slow"].status == "running"
+    assert states["never"].status == "lost" and "is gone from the host" in (states["never"].reason or "")
+    runner.stop_job("slow")
 
 
 def test_runner_probe(runner: SSHRunner) -> None:

@@ -288,7 +288,8 @@ def test_stop_kills_the_whole_process_tree(sshd: SSHServer, tmp_path: Path) -> N
     assert time.monotonic() - started < 5
     _wait(lambda: not _alive(child) and not _alive(pid), 5)
     state = process.poll(conn, str(jd))
-    assert state.status == "lost" and "gone without an exit code" in (state.reason or "")
+    # the wrapper may live to record the signal (143), or die with its job
+    assert state.exit_code in (143, None) and state.status in ("exited", "lost"), state
 
 
 def _alive(pid: int) -> bool:

@@ -63,23 +63,28 @@ def container_script(ctx: JobContext) -> str:
     ]
     py = spec.python
     if py is not None:
-        candidates = " ".join(shlex.quote(c) for c in (f"python{py.version}" if py.version else "", "python3",
-                                                      "python") if c)
+        candidates = " ".join(
+            shlex.quote(c) for c in (f"python{py.version}" if py.version else "", "python3", "python") if c
+        )
         lines += [
             "py=",
-            f"for c in {candidates}; do if command -v \"$c\" >/dev/null 2>&1; then py=$(command -v \"$c\");"
+            f'for c in {candidates}; do if command -v "$c" >/dev/null 2>&1; then py=$(command -v "$c");'
             " break; fi; done",
             '[ -n "$py" ] || { echo "dstack: no python in this image" >&2; exit 127; }',
         ]
         if py.version:
-            lines.append(f'case "$py" in */python{py.version}) ;; *) echo "dstack: python{py.version} '
-                         'is not in this image; using $("$py" --version 2>&1)" >&2;; esac')
-        lines += ['mkdir -p /tmp/dstack-bin && ln -sf "$py" /tmp/dstack-bin/python',
-                  'export PATH="/tmp/dstack-bin:$PATH"']
+            lines.append(
+                f'case "$py" in */python{py.version}) ;; *) echo "dstack: python{py.version} '
+                'is not in this image; using $("$py" --version 2>&1)" >&2;; esac'
+            )
+        lines += [
+            'mkdir -p /tmp/dstack-bin && ln -sf "$py" /tmp/dstack-bin/python',
+            'export PATH="/tmp/dstack-bin:$PATH"',
+        ]
         if py.requirements:
             req = shlex.quote(py.requirements)
             lines += [
-                "python -m pip --version >/dev/null 2>&1 || python -m ensurepip -q >/dev/null 2>&1 || :",
+                "python -m pip --version >/dev/null 2>&1 || python -m ensurepip >/dev/null 2>&1 || :",
                 f"PIP_ROOT_USER_ACTION=ignore python -m pip install -q --disable-pip-version-check -r {req}",
             ]
     lines += spec.commands
@@ -91,12 +96,23 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
     environment (the job's `env.sh`, sourced first), so their values never appear on the command line."""
     spec = ctx.spec
     assert spec.image is not None
-    workdir = "/".join(p for p in (CONTAINER_ROOT, ctx.working_subdir, spec.working_dir) if p not in ("", "."))
+    parts = (CONTAINER_ROOT, ctx.working_subdir, spec.working_dir)
+    workdir = "/".join(p.strip("/") if i else p for i, p in enumerate(parts) if p not in ("", "."))
     argv = [
-        "run", "--rm", "--name", container_name(ctx.job_id),
-        "--label", f"dstack.job={ctx.job_id}", "--label", f"dstack.run={ctx.run_name}",
-        "--network", "host",
-        "-v", f"{job_dir}/work:{CONTAINER_ROOT}", "-w", workdir,
+        "run",
+        "--rm",
+        "--name",
+        container_name(ctx.job_id),
+        "--label",
+        f"dstack.job={ctx.job_id}",
+        "--label",
+        f"dstack.run={ctx.run_name}",
+        "--network",
+        "host",
+        "-v",
+        f"{job_dir}/work:{CONTAINER_ROOT}",
+        "-w",
+        workdir,
     ]
     res = spec.resources
     if res.shm_size_mib:
@@ -112,8 +128,12 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
     if ctx.gpu_indexes:
         # a device request; inside, the chosen GPUs are numbered from 0 (docker's NVIDIA hook sets
         # NVIDIA_VISIBLE_DEVICES to the host indexes itself, so it is not set here)
-        argv += ["--gpus", '"device=' + ",".join(str(i) for i in ctx.gpu_indexes) + '"',
-                 "-e", "CUDA_VISIBLE_DEVICES=" + ",".join(str(i) for i in range(len(ctx.gpu_indexes)))]
+        argv += [
+            "--gpus",
+            '"device=' + ",".join(str(i) for i in ctx.gpu_indexes) + '"',
+            "-e",
+            "CUDA_VISIBLE_DEVICES=" + ",".join(str(i) for i in range(len(ctx.gpu_indexes))),
+        ]
     else:
         argv += ["-e", "CUDA_VISIBLE_DEVICES=", "-e", "NVIDIA_VISIBLE_DEVICES=void"]
     if spec.commands or spec.python is not None:
@@ -135,28 +155,36 @@ def render_container_job(ctx: JobContext, job_dir: str, env_keys: list[str]) -> 
     q = shlex.quote
     missing = '"$host"'.join(q(part) for part in missing_image_message(image, "\0").split("\0"))
     run = " ".join(q(a) for a in docker_run_argv(ctx, job_dir, env_keys))
-    return "\n".join([
-        "#!/usr/bin/env bash",
-        "set -e",
-        f"export DSTACK_JOB_DIR={q(job_dir)}",
-        'docker=$(command -v docker) || { echo "dstack: docker is not installed on $(hostname)" >&2; exit 125; }',
-        f". {q(job_dir + '/env.sh')}",
-        'export DSTACK_OWNER="$(id -u):$(id -g)"',
-        f"image={q(image)}",
-        'host=$(hostname)',
-        'if ! "$docker" image inspect "$image" >/dev/null 2>&1; then',
-        f"  if timeout {REGISTRY_TIMEOUT_S} bash -c {q(f': </dev/tcp/{reg_host}/{reg_port}')} 2>/dev/null; then",
-        '    echo "dstack: pulling $image on $host" >&2',
-        f'    timeout {PULL_TIMEOUT_S} "$docker" pull -q "$image" >&2 ||'
-        ' { echo "dstack: could not pull $image on $host" >&2; exit 125; }',
-        "  else",
-        f"    echo dstack: {missing} >&2",
-        "    exit 125",
-        "  fi",
-        "fi",
-        f"echo {q(container_name(ctx.job_id))} > \"$DSTACK_JOB_DIR/{CONTAINER_FILE}\"",
-        f'exec "$docker" {run}',
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "#!/usr/bin/env bash",
+                "set -e",
+                f"export DSTACK_JOB_DIR={q(job_dir)}",
+                "docker=$(command -v docker) ||",
+                '  { echo "dstack: docker is not installed on $(hostname)" >&2; exit 125; }',
+                f". {q(job_dir + '/env.sh')}",
+                'export DSTACK_OWNER="$(id -u):$(id -g)"',
+                f"image={q(image)}",
+                "host=$(hostname)",
+                'if ! "$docker" image inspect "$image" >/dev/null 2>&1; then',
+                f"  if timeout {REGISTRY_TIMEOUT_S} bash -c {q(f': </dev/tcp/{reg_host}/{reg_port}')}"
+                " 2>/dev/null",
+                "  then",
+                '    echo "dstack: pulling $image on $host" >&2',
+                f'    timeout {PULL_TIMEOUT_S} "$docker" pull -q "$image" >&2 ||'
+                ' { echo "dstack: could not pull $image on $host" >&2; exit 125; }',
+                "  else",
+                f"    echo dstack: {missing} >&2",
+                "    exit 125",
+                "  fi",
+                "fi",
+                f'echo {q(container_name(ctx.job_id))} > "$DSTACK_JOB_DIR/{CONTAINER_FILE}"',
+                f'exec "$docker" {run}',
+            ]
+        )
+        + "\n"
+    )
 
 
 # -- this machine's engine, through the docker SDK --------------------------------------------------------
@@ -164,10 +192,15 @@ def render_container_job(ctx: JobContext, job_dir: str, env_keys: list[str]) -> 
 
 def engine_answers(timeout: float = 5.0) -> bool:
     """Whether a Docker engine answers here (DOCKER_HOST, else the default socket)."""
+    import os
+
+    url = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if url.startswith("unix://"):
+        return _ping_unix_socket(url[len("unix://") :], timeout)
     import docker
 
     try:
-        client = docker.from_env(timeout=timeout)
+        client = docker.from_env(timeout=int(timeout))
     except docker.errors.DockerException:
         return False
     try:
@@ -176,6 +209,20 @@ def engine_answers(timeout: float = 5.0) -> bool:
         return False
     finally:
         client.close()
+
+
+def _ping_unix_socket(path: str, timeout: float) -> bool:
+    """`GET /_ping` on the engine's socket, without the SDK (fast, and it leaks nothing on failure)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return sock.recv(64).startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
+    except OSError:
+        return False
 
 
 def image_present(image: str) -> bool:

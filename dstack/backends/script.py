@@ -1,4 +1,4 @@
-"""The files that run a job on any runner: `env.sh`, `job.sh` (the user's commands) and `run.sh` (the wrapper).
+"""The files that run a job on any runner: `env.sh`, `job.sh` (the user's commands), `run.sh` (the wrapper).
 
 The wrapper is started detached (`setsid`); it records its pid (which is also the job's process group),
 sends the job's output to `log` and writes the exit code to `exit` atomically when the job ends. The
@@ -93,20 +93,25 @@ def python_setup(ctx: JobContext, venv_root: str, requirements_digest: str | Non
     ]
     if py.requirements and requirements_digest:
         req = shlex.quote(py.requirements)
-        venv = f"{venv_root}/{requirements_digest[:24]}-$(basename \"$py\")"
+        venv = f'{venv_root}/{requirements_digest[:24]}-$(basename "$py")'
         lines += [
             f'venv="{venv}"',
             'mkdir -p "$(dirname "$venv")"',
             '( flock 9; if [ ! -e "$venv/.ready" ]; then rm -rf "$venv";'
-            ' echo "dstack: installing $(basename "$py") requirements from "' + req + '" (cached for next runs)" >&2;'
+            ' echo "dstack: installing $(basename "$py") requirements from "'
+            + req
+            + '" (cached for next runs)" >&2;'
             ' "$py" -m venv --system-site-packages "$venv" &&'
             f' "$venv/bin/python" -m pip install -q --disable-pip-version-check -r {req} &&'
             ' touch "$venv/.ready"; fi ) 9>"$venv.lock"',
             'export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"',
         ]
     else:
-        lines += ['mkdir -p "$DSTACK_JOB_DIR/bin"', 'ln -sf "$py" "$DSTACK_JOB_DIR/bin/python"',
-                  'export PATH="$DSTACK_JOB_DIR/bin:$PATH"']
+        lines += [
+            'mkdir -p "$DSTACK_JOB_DIR/bin"',
+            'ln -sf "$py" "$DSTACK_JOB_DIR/bin/python"',
+            'export PATH="$DSTACK_JOB_DIR/bin:$PATH"',
+        ]
     return "\n".join(lines) + "\n"
 
 

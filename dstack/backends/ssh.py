@@ -13,7 +13,7 @@ import shlex
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState, Runner
 from dstack.backends.script import RUN_SH, job_env, render_env, render_job
@@ -92,25 +92,41 @@ class SSHRunner(Runner):
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
-        self.last_ship = transfer.ship(conn, self.root, jd, placed, ctx.store)
+        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in placed))
+        sent = transfer.upload_objects(conn, self.root, missing, ctx.store)
+        self.last_ship = transfer.ShipResult(len(placed), len(missing), sent)
         passthrough = {k: os.environ[k] for k in ctx.spec.passthrough_env if k in os.environ}
         files = {
-            "env.sh": (render_env(job_env(ctx, passthrough)), 0o600),
-            "job.sh": (render_job(ctx, jd, f"{self.root}/venvs", requirements_digest(ctx)), 0o644),
-            "run.sh": (RUN_SH, 0o755),
-            "working_subdir": (ctx.working_subdir + "\n", 0o644),
+            "env.sh": (render_env(job_env(ctx, passthrough)).encode(), 0o600),
+            "job.sh": (render_job(ctx, jd, f"{self.root}/venvs", requirements_digest(ctx)).encode(), 0o644),
+            "run.sh": (RUN_SH.encode(), 0o755),
+            "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
+            ".files": (transfer.materialize_records(placed), 0o600),
         }
+        # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
+        q = shlex.quote(jd)
         conn.run_with_writer(
-            f"mkdir -p {shlex.quote(jd)} && tar -x -f - -C {shlex.quote(jd)}",
+            f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && "
+            f"{transfer.materialize_command(self.root, jd)} < {q}/.files && rm -f {q}/.files && "
+            f"{process.launch_command(jd)}",
             lambda stdin: _write_tar(stdin, files),
         )
-        process.launch(conn, jd)
 
     def poll_job(self, job_id: str) -> JobState:
         from dstack.ssh import process
 
         state = process.poll(self.conn, self.job_dir(job_id))
         return JobState(state.status, exit_code=state.exit_code, reason=state.reason)
+
+    def poll_jobs(self, job_ids: list[str]) -> dict[str, JobState]:
+        """`poll_job` for several jobs in one remote command."""
+        from dstack.ssh import process
+
+        states = process.poll_many(self.conn, [self.job_dir(j) for j in job_ids])
+        return {
+            j: JobState(s.status, exit_code=s.exit_code, reason=s.reason)
+            for j, s in zip(job_ids, states, strict=True)
+        }
 
     def read_log(self, job_id: str, offset: int) -> bytes:
         from dstack.ssh import process
@@ -181,10 +197,9 @@ class SSHRunner(Runner):
         """Connections are pooled per process (dstack.ssh.connection.close_all closes them)."""
 
 
-def _write_tar(stdin: io.BufferedIOBase | object, files: dict[str, tuple[str, int]]) -> None:
-    with tarfile.open(fileobj=stdin, mode="w|") as tar:  # type: ignore[call-overload]
-        for name, (text, mode) in files.items():
-            data = text.encode()
+def _write_tar(stdin: IO[bytes], files: dict[str, tuple[bytes, int]]) -> None:
+    with tarfile.open(fileobj=stdin, mode="w|") as tar:
+        for name, (data, mode) in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = mode

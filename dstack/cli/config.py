@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from dstack.cli import aws as aws_cli
+
 app = typer.Typer(help="Configure dstack: artifact storage, AWS.", no_args_is_help=True)
+app.add_typer(aws_cli.app, name="aws")
 
 
 @app.command("show")

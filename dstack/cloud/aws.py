@@ -71,9 +71,10 @@ def api_errors(action: str, region: str | None = None) -> Iterator[None]:
         code, message = err.get("Code", "Error"), err.get("Message", str(exc))
         raise CloudError(f"could not {action}{where}: {code}: {message}".splitlines()[0]) from exc
     except (NoCredentialsError, NoRegionError) as exc:
-        raise CloudError(f"could not {action}{where}: {exc}",
-                         hint="configure AWS credentials (aws configure, AWS_PROFILE or AWS_ACCESS_KEY_ID)"
-                         ) from exc
+        raise CloudError(
+            f"could not {action}{where}: {exc}",
+            hint="configure AWS credentials (aws configure, AWS_PROFILE or AWS_ACCESS_KEY_ID)",
+        ) from exc
     except BotoCoreError as exc:
         raise CloudError(f"could not {action}{where}: {exc}".splitlines()[0]) from exc
 
@@ -103,7 +104,9 @@ class Clients:
 
             if self._session is None:
                 self._session = boto3.session.Session()
-            config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 4, "mode": "standard"})
+            config = Config(
+                connect_timeout=10, read_timeout=60, retries={"max_attempts": 4, "mode": "standard"}
+            )
             with api_errors("create an EC2 client", region):
                 self._clients[region] = self._session.client("ec2", region_name=region, config=config)
         return self._clients[region]

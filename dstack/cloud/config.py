@@ -73,8 +73,10 @@ def load_config(state: State) -> AwsConfig | None:
     try:
         return AwsConfig.model_validate_json(text)
     except ValidationError as exc:
-        raise ConfigError(f"the stored AWS settings are invalid: {_first(exc)}",
-                          hint="run `dstack config aws --reset` and set them again") from exc
+        raise ConfigError(
+            f"the stored AWS settings are invalid: {_first(exc)}",
+            hint="run `dstack config aws --reset` and set them again",
+        ) from exc
 
 
 def configure(state: State, reset: bool = False, **changes: Any) -> AwsConfig:
@@ -90,8 +92,10 @@ def configure(state: State, reset: bool = False, **changes: Any) -> AwsConfig:
         raise UsageError(f"bad AWS setting: {_first(exc)}") from exc
     for pattern in config.instance_types:
         if not matching([pattern]):
-            raise UsageError(f"no known instance type matches {pattern!r}",
-                             hint="use names like g5.xlarge or globs like 'g5.*'")
+            raise UsageError(
+                f"no known instance type matches {pattern!r}",
+                hint="use names like g5.xlarge or globs like 'g5.*'",
+            )
     if config.key_name and not config.key_file:
         raise UsageError("--key-name needs --key-file (the key pair's private key on this machine)")
     if config.key_file:

@@ -36,8 +36,9 @@ class InstanceType:
         from dstack.backends.base import Capacity, GpuInfo
 
         gpus = [GpuInfo(i, self.gpu_name, self.gpu_memory_mib) for i in range(self.gpu_count)]
-        return Capacity(cpus=float(self.vcpus), memory_mib=int(self.memory_gib * 1024), gpus=gpus,
-                        docker=docker)
+        return Capacity(
+            cpus=float(self.vcpus), memory_mib=int(self.memory_gib * 1024), gpus=gpus, docker=docker
+        )
 
     def fits(self, spec: JobSpec) -> bool:
         """Whether a job's resources fit this type (GPU count and name, memory, CPUs)."""
@@ -55,8 +56,9 @@ V100, V100_32 = "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB"
 A100_40, A100_80, H100 = "NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
 
 
-def _t(name: str, vcpus: int, gib: float, price: float, gpus: int = 0, gpu: str = "", mib: int = 0
-       ) -> InstanceType:
+def _t(
+    name: str, vcpus: int, gib: float, price: float, gpus: int = 0, gpu: str = "", mib: int = 0
+) -> InstanceType:
     return InstanceType(name, vcpus, gib, price, gpus, gpu, mib)
 
 
@@ -83,7 +85,8 @@ INSTANCE_TYPES: tuple[InstanceType, ...] = (
     _t("g6.24xlarge", 96, 384, 6.675, 4, L4, 23034), _t("g6.48xlarge", 192, 768, 13.35, 8, L4, 23034),
     # NVIDIA V100, A100, H100
     _t("p3.2xlarge", 8, 61, 3.06, 1, V100, 16384), _t("p3.8xlarge", 32, 244, 12.24, 4, V100, 16384),
-    _t("p3.16xlarge", 64, 488, 24.48, 8, V100, 16384), _t("p3dn.24xlarge", 96, 768, 31.212, 8, V100_32, 32768),
+    _t("p3.16xlarge", 64, 488, 24.48, 8, V100, 16384),
+    _t("p3dn.24xlarge", 96, 768, 31.212, 8, V100_32, 32768),
     _t("p4d.24xlarge", 96, 1152, 32.7726, 8, A100_40, 40960),
     _t("p4de.24xlarge", 96, 1152, 40.9657, 8, A100_80, 81920),
     _t("p5.48xlarge", 192, 2048, 98.32, 8, H100, 81559),
@@ -100,8 +103,9 @@ def instance_type(name: str) -> InstanceType:
         return BY_NAME[name]
     except KeyError:
         families = sorted({t.family for t in INSTANCE_TYPES})
-        raise UsageError(f"unknown instance type {name!r}",
-                         hint=f"dstack knows the families {', '.join(families)}") from None
+        raise UsageError(
+            f"unknown instance type {name!r}", hint=f"dstack knows the families {', '.join(families)}"
+        ) from None
 
 
 def matching(patterns: list[str]) -> list[InstanceType]:

@@ -1,5 +1,5 @@
 """Renting EC2 instances: choose the cheapest allowed type that fits, launch it tagged, wait for SSH,
-terminate it, and list or prune what dstack created in the account.
+terminate it.
 
 Functions here talk to the EC2 API only; `dstack.backends.ec2` ties them to the state (hosts, jobs).
 """
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstack.cloud.aws import HOME_TAG, HOST_TAG, api_errors, error_code, managed_filters, tag_specs, tag_value
+from dstack.cloud.aws import HOST_TAG, api_errors, error_code, managed_filters, tag_specs
+from dstack.cloud.userdata import user_data
 from dstack.errors import CloudError
 
 if TYPE_CHECKING:
@@ -66,7 +67,9 @@ def spot_prices(ec2: Any, names: list[str], region: str) -> dict[str, float]:
         return prices
     with api_errors("read spot prices", region):
         pages = ec2.get_paginator("describe_spot_price_history").paginate(
-            InstanceTypes=names, ProductDescriptions=["Linux/UNIX"], StartTime=datetime.now(timezone.utc),
+            InstanceTypes=names,
+            ProductDescriptions=["Linux/UNIX"],
+            StartTime=datetime.now(timezone.utc),
             PaginationConfig={"MaxItems": 1000},
         )
         for page in pages:
@@ -102,8 +105,10 @@ def refusal(cfg: AwsConfig, spec: JobSpec) -> str:
     if not cfg.spot and not cfg.on_demand:
         return "both spot and on-demand are turned off"
     cheapest = min(fitting, key=lambda t: t.price)
-    return (f"every fitting instance type costs more than the maximum price ${cfg.max_price:g}/h"
-            f" (cheapest on-demand: {cheapest.name} at ${cheapest.price:g}/h)")
+    return (
+        f"every fitting instance type costs more than the maximum price ${cfg.max_price:g}/h"
+        f" (cheapest on-demand: {cheapest.name} at ${cheapest.price:g}/h)"
+    )
 
 
 # --- key pair, security group, AMI ----------------------------------------------------------------------
@@ -125,8 +130,9 @@ def ensure_key_file(key_dir: Path) -> Path:
     key_dir.mkdir(parents=True, exist_ok=True)
     key_dir.chmod(0o700)
     key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -146,8 +152,11 @@ def ensure_key_pair(ec2: Any, cfg: AwsConfig, home: str, key_dir: Path, region: 
         found = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
     if not found:
         with api_errors("import the key pair", region):
-            ec2.import_key_pair(KeyName=name, PublicKeyMaterial=path.with_suffix(".pub").read_bytes(),
-                                TagSpecifications=tag_specs("key-pair", home))
+            ec2.import_key_pair(
+                KeyName=name,
+                PublicKeyMaterial=path.with_suffix(".pub").read_bytes(),
+                TagSpecifications=tag_specs("key-pair", home),
+            )
     return name, str(path)
 
 
@@ -160,16 +169,26 @@ def ensure_security_group(ec2: Any, cfg: AwsConfig, home: str, region: str) -> s
     name = security_group_name(home)
     with api_errors("look up the security group", region):
         groups = ec2.describe_security_groups(
-            Filters=[{"Name": "group-name", "Values": [name]}, *managed_filters(home)])["SecurityGroups"]
+            Filters=[{"Name": "group-name", "Values": [name]}, *managed_filters(home)]
+        )["SecurityGroups"]
     if groups:
         return str(groups[0]["GroupId"])
     with api_errors("create the security group", region):
-        group = ec2.create_security_group(GroupName=name, Description="dstack runners: SSH only",
-                                          TagSpecifications=tag_specs("security-group", home))
+        group = ec2.create_security_group(
+            GroupName=name,
+            Description="dstack runners: SSH only",
+            TagSpecifications=tag_specs("security-group", home),
+        )
         ec2.authorize_security_group_ingress(
             GroupId=group["GroupId"],
-            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                            "IpRanges": [{"CidrIp": cfg.ssh_cidr, "Description": "dstack SSH"}]}],
+            IpPermissions=[
+                {
+                    "IpProtocol": "tcp",
+                    "FromPort": 22,
+                    "ToPort": 22,
+                    "IpRanges": [{"CidrIp": cfg.ssh_cidr, "Description": "dstack SSH"}],
+                }
+            ],
         )
     return str(group["GroupId"])
 
@@ -186,89 +205,27 @@ def resolve_ami(ec2: Any, cfg: AwsConfig, region: str) -> str:
         with api_errors("look up the AMI", region):
             images = ec2.describe_images(
                 Owners=[cfg.ami_owner],
-                Filters=[{"Name": "name", "Values": [cfg.ami_name]}, {"Name": "state", "Values": ["available"]},
-                         {"Name": "architecture", "Values": ["x86_64"]}],
+                Filters=[
+                    {"Name": "name", "Values": [cfg.ami_name]},
+                    {"Name": "state", "Values": ["available"]},
+                    {"Name": "architecture", "Values": ["x86_64"]},
+                ],
             )["Images"]
         if not images:
-            raise CloudError(f"no AMI named like {cfg.ami_name!r} (owner {cfg.ami_owner}) in {region}",
-                             hint="pass `dstack config aws --ami ami-...` or --ami-name PATTERN")
+            raise CloudError(
+                f"no AMI named like {cfg.ami_name!r} (owner {cfg.ami_owner}) in {region}",
+                hint="pass `dstack config aws --ami ami-...` or --ami-name PATTERN",
+            )
         _AMIS[key] = max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
     return _AMIS[key]
-
-
-# --- the instance shuts itself down when idle -----------------------------------------------------------
-
-IDLE_CHECK = r"""#!/bin/bash
-# dstack: power the instance off (it terminates) when no dstack job has been active for IDLE seconds
-idle=${DSTACK_IDLE_TIMEOUT:-__IDLE__}
-roots=${DSTACK_IDLE_ROOTS:-"/root/.dstack/jobs /home/*/.dstack/jobs"}
-stamp=${DSTACK_IDLE_STAMP:-/var/lib/dstack/last-active}
-mkdir -p "$(dirname "$stamp")"
-[ -f "$stamp" ] || touch "$stamp"
-active=0
-for d in $(for r in $roots; do echo $r/*; done); do
-  [ -d "$d" ] || continue
-  if [ -s "$d/pid" ] && [ ! -f "$d/exit" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then active=1; break; fi
-  if [ -n "$(find "$d" -maxdepth 1 -newer "$stamp" -print -quit 2>/dev/null)" ]; then active=1; break; fi
-done
-if [ "$active" = 1 ]; then touch "$stamp"; exit 0; fi
-age=$(( $(date +%s) - $(stat -c %Y "$stamp") ))
-if [ "$age" -ge "$idle" ]; then
-  logger -t dstack "idle for ${age}s, powering off" 2>/dev/null || true
-  ${DSTACK_IDLE_POWEROFF:-shutdown -h now}
-fi
-"""
-
-USER_DATA = r"""#!/bin/bash
-# dstack runner set-up: an idle check every minute; powering off terminates the instance
-cat > /usr/local/sbin/dstack-idle-check <<'DSTACK_EOF'
-__SCRIPT__DSTACK_EOF
-chmod 755 /usr/local/sbin/dstack-idle-check
-mkdir -p /var/lib/dstack && touch /var/lib/dstack/last-active
-if command -v systemctl >/dev/null 2>&1; then
-  cat > /etc/systemd/system/dstack-idle.service <<'DSTACK_EOF'
-[Unit]
-Description=dstack: power off when idle
-[Service]
-Type=oneshot
-ExecStart=/usr/local/sbin/dstack-idle-check
-DSTACK_EOF
-  cat > /etc/systemd/system/dstack-idle.timer <<'DSTACK_EOF'
-[Unit]
-Description=dstack: idle check every minute
-[Timer]
-OnBootSec=60
-OnUnitActiveSec=60
-[Install]
-WantedBy=timers.target
-DSTACK_EOF
-  systemctl daemon-reload && systemctl enable --now dstack-idle.timer
-else
-  echo '* * * * * root /usr/local/sbin/dstack-idle-check' > /etc/cron.d/dstack-idle
-fi
-"""
-
-
-def instance_idle_timeout(idle_timeout: int) -> int:
-    """How long the instance itself waits: dstack's reaper normally acts first; this is the safety net."""
-    return idle_timeout + min(300, max(60, idle_timeout // 2))
-
-
-def idle_check_script(idle_timeout: int) -> str:
-    """The shell script the instance runs every minute (powers off after `idle_timeout` seconds idle)."""
-    return IDLE_CHECK.replace("__IDLE__", str(int(idle_timeout)))
-
-
-def user_data(idle_timeout: int) -> str:
-    """Cloud-init user data: install the idle check as a systemd timer (cron where there is no systemd)."""
-    return USER_DATA.replace("__SCRIPT__", idle_check_script(instance_idle_timeout(idle_timeout)))
 
 
 # --- launching, waiting, terminating --------------------------------------------------------------------
 
 
-def run_instance(ec2: Any, cfg: AwsConfig, offer: Offer, *, ami: str, key_name: str, group_id: str,
-                 home: str, host: str) -> dict[str, Any]:
+def run_instance(
+    ec2: Any, cfg: AwsConfig, offer: Offer, *, ami: str, key_name: str, group_id: str, home: str, host: str
+) -> dict[str, Any]:
     """Start one instance of the offer (tagged, terminating on shutdown); the API's description of it."""
     extra = {"Name": host, HOST_TAG: host}
     params: dict[str, Any] = {
@@ -283,15 +240,19 @@ def run_instance(ec2: Any, cfg: AwsConfig, offer: Offer, *, ami: str, key_name: 
     if offer.spot:
         params["InstanceMarketOptions"] = {
             "MarketType": "spot",
-            "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate",
-                            "MaxPrice": f"{cfg.max_price:.4f}"},
+            "SpotOptions": {
+                "SpotInstanceType": "one-time",
+                "InstanceInterruptionBehavior": "terminate",
+                "MaxPrice": f"{cfg.max_price:.4f}",
+            },
         }
     with api_errors(f"launch {offer.describe()}", offer.region):
         return dict(ec2.run_instances(**params)["Instances"][0])
 
 
-def launch(clients: Clients, cfg: AwsConfig, choices: list[Offer], *, home: str, host: str, key_dir: Path
-           ) -> tuple[Offer, dict[str, Any], str]:
+def launch(
+    clients: Clients, cfg: AwsConfig, choices: list[Offer], *, home: str, host: str, key_dir: Path
+) -> tuple[Offer, dict[str, Any], str]:
     """Launch the first offer the API accepts (spot refused: the next, maybe on-demand); returns the offer,
     the instance and the private key file for it."""
     refused: list[str] = []
@@ -301,15 +262,29 @@ def launch(clients: Clients, cfg: AwsConfig, choices: list[Offer], *, home: str,
         group_id = ensure_security_group(ec2, cfg, home, offer.region)
         ami = resolve_ami(ec2, cfg, offer.region)
         try:
-            instance = run_instance(ec2, cfg, offer, ami=ami, key_name=key_name, group_id=group_id,
-                                    home=home, host=host)
+            instance = run_instance(
+                ec2, cfg, offer, ami=ami, key_name=key_name, group_id=group_id, home=home, host=host
+            )
         except CloudError as exc:
             if error_code(exc) in NEXT_OFFER_CODES:
                 refused.append(f"{offer.describe()}: {error_code(exc)}")
                 continue
             raise
         return offer, instance, key_file
-    raise CloudError("EC2 refused every offer: " + "; ".join(refused[:3]) if refused else "no offer to launch")
+    raise CloudError(
+        "EC2 refused every offer: " + "; ".join(refused[:3]) if refused else "no offer to launch"
+    )
+
+
+def live_instance_ids(clients: Clients, regions: list[str], home: str) -> set[str]:
+    """Ids of this home's instances that are not terminated, in `regions`."""
+    found: set[str] = set()
+    for region in regions:
+        filters = [*managed_filters(home), {"Name": "instance-state-name", "Values": LIVE_STATES}]
+        with api_errors("list dstack's instances", region):
+            for page in clients.ec2(region).get_paginator("describe_instances").paginate(Filters=filters):
+                found.update(i["InstanceId"] for r in page["Reservations"] for i in r["Instances"])
+    return found
 
 
 def describe_instances(ec2: Any, ids: list[str], region: str) -> dict[str, dict[str, Any]]:
@@ -319,7 +294,8 @@ def describe_instances(ec2: Any, ids: list[str], region: str) -> dict[str, dict[
         return found
     with api_errors("describe instances", region):
         for page in ec2.get_paginator("describe_instances").paginate(
-                Filters=[{"Name": "instance-id", "Values": ids}]):
+            Filters=[{"Name": "instance-id", "Values": ids}]
+        ):
             for reservation in page["Reservations"]:
                 for instance in reservation["Instances"]:
                     found[instance["InstanceId"]] = instance
@@ -335,7 +311,9 @@ def wait_running(ec2: Any, instance_id: str, region: str, deadline: float) -> di
             return instance
         if status in ("shutting-down", "terminated", "stopping", "stopped"):
             why = (instance or {}).get("StateReason", {}).get("Message", "")
-            raise CloudError(f"instance {instance_id} is {status} before it was ready" + (f": {why}" if why else ""))
+            raise CloudError(
+                f"instance {instance_id} is {status} before it was ready" + (f": {why}" if why else "")
+            )
         if time.time() > deadline:
             raise CloudError(f"instance {instance_id} was not running within the launch timeout ({status})")
         time.sleep(2)
@@ -373,66 +351,3 @@ def terminate_instances(ec2: Any, ids: list[str], region: str) -> None:
     except CloudError as exc:
         if error_code(exc) != "InvalidInstanceID.NotFound":
             raise
-
-
-# --- what exists in the account -------------------------------------------------------------------------
-
-
-@dataclass
-class CloudResource:
-    """Something dstack created in the account: an instance, key pair or security group."""
-
-    kind: str  # 'instance' | 'key-pair' | 'security-group'
-    id: str
-    name: str
-    region: str
-    home: str | None  # the DSTACK_HOME that made it
-    state: str = ""
-    instance_type: str = ""
-    host: str | None = None  # the dstack host name of an instance
-
-
-def list_resources(clients: Clients, regions: list[str], home: str | None = None) -> list[CloudResource]:
-    """What carries dstack's tags in `regions` (made by this home only when `home` is given)."""
-    found: list[CloudResource] = []
-    for region in regions:
-        ec2 = clients.ec2(region)
-        filters = managed_filters(home)
-        with api_errors("list dstack's instances", region):
-            for page in ec2.get_paginator("describe_instances").paginate(
-                    Filters=[*filters, {"Name": "instance-state-name", "Values": LIVE_STATES}]):
-                for reservation in page["Reservations"]:
-                    for i in reservation["Instances"]:
-                        found.append(CloudResource(
-                            "instance", i["InstanceId"], tag_value(i, "Name") or i["InstanceId"], region,
-                            tag_value(i, HOME_TAG), i["State"]["Name"], i["InstanceType"],
-                            tag_value(i, HOST_TAG)))
-        with api_errors("list dstack's key pairs", region):
-            for k in ec2.describe_key_pairs(Filters=filters)["KeyPairs"]:
-                found.append(CloudResource("key-pair", k.get("KeyPairId", k["KeyName"]), k["KeyName"], region,
-                                           tag_value(k, HOME_TAG)))
-        with api_errors("list dstack's security groups", region):
-            for g in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]:
-                found.append(CloudResource("security-group", g["GroupId"], g["GroupName"], region,
-                                           tag_value(g, HOME_TAG)))
-    return found
-
-
-def delete_resource(clients: Clients, resource: CloudResource) -> str | None:
-    """Terminate or delete one resource; a one-line note when the API says not yet (None when done)."""
-    ec2 = clients.ec2(resource.region)
-    if resource.kind == "instance":
-        terminate_instances(ec2, [resource.id], resource.region)
-        return None
-    try:
-        if resource.kind == "key-pair":
-            with api_errors(f"delete key pair {resource.name}", resource.region):
-                ec2.delete_key_pair(KeyName=resource.name)
-        else:
-            with api_errors(f"delete security group {resource.id}", resource.region):
-                ec2.delete_security_group(GroupId=resource.id)
-    except CloudError as exc:
-        if error_code(exc) == "DependencyViolation":  # instances still shutting down use it
-            return f"{resource.kind} {resource.name} is still in use; prune again in a minute"
-        raise
-    return None

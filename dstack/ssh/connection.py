@@ -282,6 +282,11 @@ class Connection:
             chan = self.transport.open_session(timeout=timeout)
         except BaseException as exc:
             self._channels.release()
+            if isinstance(exc, paramiko.ChannelException) and self.is_alive():
+                raise HostError(
+                    f"{self.name} refused a new SSH session: {exc}",
+                    hint="check MaxSessions in the host's sshd_config",
+                ) from exc
             if isinstance(exc, (paramiko.SSHException, OSError, EOFError)):
                 self._lost(exc)
             raise

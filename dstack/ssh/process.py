@@ -28,28 +28,49 @@ class ProcessState:
 
 def launch(conn: Connection, directory: str, script: str = "run.sh", wait_pid: float = 10.0) -> int:
     """Start `bash <directory>/<script>` detached in its own session; return its pid once it is recorded."""
+    out = conn.run(launch_command(directory, script, wait_pid), timeout=wait_pid + 30).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
+def launch_command(directory: str, script: str = "run.sh", wait_pid: float = 10.0) -> str:
+    """The shell command `launch` runs: start detached, wait for the pid file, print the pid."""
     d = shlex.quote(directory)
-    command = (
+    return (
         f"cd {d} && rm -f pid exit && "
         f"(setsid nohup bash {shlex.quote(script)} > /dev/null 2>&1 < /dev/null &) && "
         f"i=0; while [ ! -s pid ] && [ $i -lt {int(wait_pid * 100)} ]; do sleep 0.01; i=$((i+1)); done; "
         "cat pid"
     )
-    out = conn.run(command, timeout=wait_pid + 30).stdout.strip()
-    return int(out) if out.isdigit() else 0
 
 
 def poll(conn: Connection, directory: str) -> ProcessState:
     """Whether the process runs, exited (with its code), or is gone without an exit code."""
-    d = shlex.quote(directory)
-    command = (
-        f"cd {d} 2>/dev/null || {{ echo nodir; exit 0; }}; "
-        "if [ -f exit ]; then echo exit $(cat exit); exit 0; fi; "
-        "if [ ! -s pid ]; then echo nopid; exit 0; fi; p=$(cat pid); "
-        'if kill -0 "$p" 2>/dev/null && [ "$(ps -o stat= -p "$p" 2>/dev/null | cut -c1)" != Z ]; '
-        'then echo running "$p"; elif [ -f exit ]; then echo exit $(cat exit); else echo gone "$p"; fi'
-    )
-    words = conn.run(command, timeout=POLL_TIMEOUT).stdout.split()
+    return poll_many(conn, [directory])[0]
+
+
+_POLL_ONE = (
+    'cd "$d" 2>/dev/null || { echo nodir; continue; }; '
+    "if [ -f exit ]; then echo exit $(cat exit); continue; fi; "
+    "if [ ! -s pid ]; then echo nopid; continue; fi; p=$(cat pid); "
+    # alive and not a zombie (/proc when there is one, else ps)
+    'z=; if kill -0 "$p" 2>/dev/null; then if [ -r "/proc/$p/stat" ]; then read -r z < "/proc/$p/stat"; '
+    'z=${z##*) }; z=${z%% *}; else z=$(ps -o stat= -p "$p" 2>/dev/null | cut -c1); fi; fi; '
+    'if [ -n "$z" ] && [ "$z" != Z ]; '
+    'then echo running "$p"; elif [ -f exit ]; then echo exit $(cat exit); else echo gone "$p"; fi'
+)
+
+
+def poll_many(conn: Connection, directories: list[str]) -> list[ProcessState]:
+    """`poll` for several processes in one remote command (one line of output each)."""
+    if not directories:
+        return []
+    args = " ".join(shlex.quote(d) for d in directories)
+    lines = conn.run(f"for d in {args}; do {_POLL_ONE}; done", timeout=POLL_TIMEOUT).stdout.splitlines()
+    lines += [""] * (len(directories) - len(lines))
+    return [_state(line.split(), d) for line, d in zip(lines, directories, strict=False)]
+
+
+def _state(words: list[str], directory: str) -> ProcessState:
     if not words:
         return ProcessState("lost", reason="the host said nothing about the job")
     kind = words[0]

@@ -140,22 +140,27 @@ def materialize(
     """Lay out files under `base` on the host from its object cache: (path under base, entry) pairs."""
     if not placed:
         return
+    conn.run(materialize_command(root, base, use_python), input=materialize_records(placed), timeout=600)
+
+
+def materialize_records(placed: list[tuple[str, ManifestEntry]]) -> bytes:
+    """What `materialize_command` reads on stdin: NUL-separated `<digest> <octal mode> <path>` records."""
     records = []
     for path, entry in placed:
-        if "\0" in path or " " in entry.digest:
+        if "\0" in path or "\n" in path or " " in entry.digest:
             raise ArtifactError(f"bad file name {path!r}")
         records.append(f"{entry.digest} {entry.mode:o} {path}\0")
-    data = "".join(records).encode("utf-8", "surrogateescape")
+    return "".join(records).encode("utf-8", "surrogateescape")
+
+
+def materialize_command(root: str, base: str, use_python: bool = True) -> str:
+    """A shell command that lays out the records on its stdin under `base` from the object cache."""
     objects, target = shlex.quote(f"{root}/objects"), shlex.quote(base)
-    script = shlex.quote(_MATERIALIZE_PY if use_python else _MATERIALIZE_SH)
+    sh = f"bash --norc -c {shlex.quote(_MATERIALIZE_SH)} _ {objects} {target}"
     if use_python:
-        command = (
-            f"if command -v python3 >/dev/null 2>&1; then python3 -c {script} {objects} {target}; "
-            f"else bash -c {shlex.quote(_MATERIALIZE_SH)} _ {objects} {target}; fi"
-        )
-    else:
-        command = f"bash -c {script} _ {objects} {target}"
-    conn.run(f"mkdir -p {target} && {command}", input=data, timeout=600)
+        py = f"python3 -c {shlex.quote(_MATERIALIZE_PY)} {objects} {target}"
+        sh = f"if command -v python3 >/dev/null 2>&1; then {py}; else {sh}; fi"
+    return f"mkdir -p {target} && {{ {sh}; }}"
 
 
 def ship(

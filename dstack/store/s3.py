@@ -138,7 +138,7 @@ class S3ObjectStore(ObjectStore):
             if before.st_size < MULTIPART_THRESHOLD:
                 try:
                     with open(path, "rb") as f:
-                        self.client.put_object(Bucket=self.bucket, Key=key, Body=f, IfNoneMatch="*")
+                        self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
                 except ClientError as e:
                     if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
                         return False  # someone stored it meanwhile
