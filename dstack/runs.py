@@ -456,11 +456,28 @@ class Orchestrator:
             self.state.save_artifact_rows(job.id, rows, name, status=status, exit_code=0, reason=reason,
                                           finished_at=now)
         elif state.status == "exited":
+            reason = state.reason or f"exited with code {state.exit_code}"
+            last = self._last_log_line(job)
+            if last and state.exit_code != 143:
+                reason += f": {last}"
             self.state.transition(job.id, ("running",), status="failed", exit_code=state.exit_code,
-                                  reason=f"exited with code {state.exit_code}", finished_at=now)
+                                  reason=reason, finished_at=now)
         else:
             self._retry_or_fail(job, spec, state.reason or "the job was lost", "host-lost")
         runner.cleanup_job(job.id, keep=self.run.keep)
+
+    def _last_log_line(self, job: Job) -> str:
+        """The job's last line of output (what a failure most often says), cut to 200 characters."""
+        path = self.state.job(job.id).log_path
+        if not path:
+            return ""
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 4096))
+                lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip()[:200] if lines else ""
 
     def _host_unreachable(self, job: Job, error: HostError) -> JobState | None:
         """A host that stops answering for HOST_LOST_S seconds loses its jobs (None: keep waiting)."""
