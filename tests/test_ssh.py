@@ -312,8 +312,21 @@ def test_one_connection_serves_many_threads(sshd: SSHServer) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     conn = connect(sshd, accept=yes())
+    errors: list[str] = []
+
+    def echo(i: int) -> str:
+        try:
+            return conn.run(f"echo {i}").stdout
+        except Exception as exc:
+            import traceback
+
+            errors.append("".join(traceback.format_exception(exc)))
+            raise
+
     with ThreadPoolExecutor(max_workers=20) as pool:
-        outputs = list(pool.map(lambda i: conn.run(f"echo {i}").stdout, range(40)))
+        futures = [pool.submit(echo, i) for i in range(40)]
+    assert not errors, errors[0]
+    outputs = [f.result() for f in futures]
     assert outputs == [f"{i}\n" for i in range(40)]
     assert connect(sshd) is conn
 

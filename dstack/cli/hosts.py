@@ -1,45 +1,187 @@
-"""`dstack hosts`: the runners jobs are placed on."""
+"""`dstack hosts`: the runners jobs are placed on (this machine, SSH hosts, EC2 instances)."""
 
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Runners: this machine (`local`) and your hosts over SSH.", invoke_without_command=True)
+app = typer.Typer(help="Runners: this machine (`local`), your hosts over SSH, and EC2 instances dstack launched.",
+                  invoke_without_command=True)
 
 
 @app.callback()
-def hosts(ctx: typer.Context,
-          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List runners with their hardware, status and jobs."""
+def hosts(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    cloud: bool = typer.Option(False, "--cloud", help="List what dstack created in the AWS account."),
+) -> None:
+    """List runners with their hardware, status and the jobs on them now."""
     if ctx.invoked_subcommand is not None:
         return
+    if cloud:
+        _cloud(as_json)
+        return
     from dstack.cli import ui
-    from dstack.runners import local_enabled
+    from dstack.hosts import list_hosts
     from dstack.store.state import open_state
 
     with open_state() as state:
-        enabled = local_enabled(state)
+        items = list_hosts(state.db)
+        busy: dict[str, list[str]] = {}
+        for job in state.jobs(statuses=("starting", "running")):
+            busy.setdefault(job.runner or "local", []).append(f"{job.run_name}/{job.workflow}")
+        cloud_info = {}
+        for h in items:
+            if h.kind == "ec2":
+                from dstack.backends.ec2 import describe
+
+                cloud_info[h.name] = describe(state, h)
     if as_json:
-        ui.print_json([{"name": "local", "kind": "local", "enabled": enabled}])
+        ui.print_json([{**h.to_json(), "jobs": busy.get(h.name, []), **({"cloud": cloud_info[h.name]}
+                                                                       if h.name in cloud_info else {})}
+                       for h in items])
         return
-    ui.table(["Host", "Kind", "Status"], [["local", "local", "enabled" if enabled else "disabled"]])
+    rows = []
+    for h in items:
+        cap = h.capacity
+        gpus = ", ".join(f"{g.name} ({g.memory_mib // 1024} GB)" for g in cap.gpus) if cap and cap.gpus else ""
+        where = h.address or h.hostname or ""
+        if h.name in cloud_info:
+            c = cloud_info[h.name]
+            where = f"{c.get('instance_type')} {'spot' if c.get('spot') else 'on-demand'} ${c.get('price')}/h"
+            if c.get("idle_s") is not None:
+                where += f", idle {int(c['idle_s'])}s"
+        status = h.status if h.enabled else "disabled"
+        rows.append([h.name, h.kind, where, f"{cap.cpus:g}" if cap else "", ui.size((cap.memory_mib if cap else 0)
+                     * 1024 * 1024) if cap else "", gpus, "yes" if cap and cap.docker else "",
+                     ui.status(status) if status == "ready" else ui.status("failed" if status == "unreachable"
+                                                                           else status),
+                     ", ".join(busy.get(h.name, [])) or (h.last_error or "")])
+    ui.table(["Host", "Kind", "Address", "CPUs", "Memory", "GPUs", "Docker", "Status", "Jobs"], rows)
+
+
+def _cloud(as_json: bool) -> None:
+    from dstack.backends.ec2 import list_cloud
+    from dstack.cli import ui
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        entries = list_cloud(state)
+    if as_json:
+        ui.print_json([{"name": e.resource.id, "kind": e.resource.kind, "region": e.resource.region,
+                        "known": e.known, "mine": e.mine, "state": getattr(e.resource, "state", None)}
+                       for e in entries])
+        return
+    ui.table(["Resource", "Kind", "Region", "State", "Known to dstack"],
+             [[e.resource.id, e.resource.kind, e.resource.region, getattr(e.resource, "state", ""),
+               "yes" if e.known else "no"] for e in entries])
+
+
+@app.command("add")
+def add(
+    address: str = typer.Argument(..., help="user@host[:port], or a Host alias from ~/.ssh/config."),
+    name: str = typer.Option(None, "--name", help="What to call it (default: the host)."),
+    identity: str = typer.Option(None, "-i", "--identity", help="The private key to log in with."),
+    proxy_jump: str = typer.Option(None, "-J", "--proxy-jump", help="Jump through this host."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Accept the host's key without asking."),
+) -> None:
+    """Register a host reached over SSH: pin its key, probe its CPUs, memory, GPUs and Docker."""
+    from dstack.cli import ui
+    from dstack.hosts import add_host
+    from dstack.store.state import open_state
+
+    def accept(fingerprint: str) -> bool:
+        ui.info(f"The host {address} is new to dstack. Its key's fingerprint is [bold]{fingerprint}[/bold].")
+        if yes:
+            return True
+        import sys
+
+        if not sys.stdin.isatty():
+            ui.info("Not a terminal: pass --yes to accept it.")
+            return False
+        return typer.confirm("Trust it and pin it?", default=False)
+
+    with open_state() as state:
+        host = add_host(state.db, address, name=name, identity=identity, accept=accept, proxy_jump=proxy_jump)
+    cap = host.capacity
+    gpus = f", {len(cap.gpus)} GPU(s)" if cap and cap.gpus else ""
+    ui.info(f"Added host [bold]{host.name}[/bold] ({host.user}@{host.hostname}:{host.port}): "
+            f"{cap.cpus:g} CPUs, {ui.size(cap.memory_mib * 1024 * 1024)} memory{gpus}"
+            + (", Docker" if cap.docker else "") if cap else f"Added host {host.name}.")
+
+
+@app.command("check")
+def check(name: str = typer.Argument(None, help="One host (default: all).")) -> None:
+    """Probe hosts again: what they have now, and whether they answer."""
+    from dstack.cli import ui
+    from dstack.hosts import check_host, check_hosts
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        items = [check_host(state.db, name)] if name else check_hosts(state.db)
+    for h in items:
+        if h.status == "ready":
+            ui.info(f"{h.name}: [green]ready[/green]")
+        else:
+            ui.info(f"{h.name}: [red]{h.status}[/red] {h.last_error or ''}")
+
+
+@app.command("remove")
+def remove(
+    name: str = typer.Argument(..., help="The host."),
+    force: bool = typer.Option(False, "--force", help="Terminate an EC2 instance even with jobs on it."),
+) -> None:
+    """Forget a host (an EC2 instance dstack launched is terminated)."""
+    from dstack.cli import ui
+    from dstack.hosts import get, remove_host
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        host = get(state.db, name)
+        if host.kind == "ec2":
+            from dstack.backends.ec2 import terminate
+
+            terminate(state, name, force=force)
+        else:
+            remove_host(state.db, name)
+    ui.info(f"Removed host {name}.")
+
+
+@app.command("prune")
+def prune() -> None:
+    """Remove cloud resources dstack created and no longer knows about."""
+    from dstack.backends.ec2 import prune as prune_cloud
+    from dstack.cli import ui
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        result = prune_cloud(state)
+    for item in result.removed:
+        ui.info(f"removed {item.kind} {item.id} ({item.region})")
+    for note in result.notes:
+        ui.info(note)
+    if not result.removed:
+        ui.info("Nothing to prune.")
 
 
 @app.command("disable")
-def disable(name: str = typer.Argument(..., help="Runner name.")) -> None:
+def disable(name: str = typer.Argument(..., help="Runner name (`local` is this machine).")) -> None:
     """Stop placing jobs on a runner."""
+    from dstack.cli import ui
+    from dstack.hosts import set_enabled
     from dstack.store.state import open_state
 
     with open_state() as state:
-        if name == "local":
-            state.set_setting("local.enabled", "0")
+        set_enabled(state.db, name, False)
+    ui.info(f"{name} takes no new jobs.")
 
 
 @app.command("enable")
 def enable(name: str = typer.Argument(..., help="Runner name.")) -> None:
     """Place jobs on a runner again."""
+    from dstack.cli import ui
+    from dstack.hosts import set_enabled
     from dstack.store.state import open_state
 
     with open_state() as state:
-        if name == "local":
-            state.set_setting("local.enabled", None)
+        set_enabled(state.db, name, True)
+    ui.info(f"{name} takes jobs.")

@@ -331,7 +331,9 @@ class Connection:
                     if chan.recv_stderr_ready():
                         err.append(chan.recv_stderr(_BUF))
                         continue
-                    if chan.eof_received:
+                    # data, EOF and the exit status arrive in order: nothing is ready and one of these
+                    # happened means all output is in
+                    if chan.eof_received or chan.closed or chan.exit_status_ready():
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:

@@ -137,8 +137,9 @@ class S3ObjectStore(ObjectStore):
         with self._errors(f"upload {path} to {key}"):
             if before.st_size < MULTIPART_THRESHOLD:
                 try:
-                    with open(path, "rb") as f:
-                        self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+                    # bytes, not a file object: some servers stall on an empty streamed body
+                    data = path.read_bytes()
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
                 except ClientError as e:
                     if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
                         return False  # someone stored it meanwhile
