@@ -7,6 +7,7 @@ them, saves their artifacts and finishes the run. The CLI only follows: killing 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
     from dstack.store.objects import Manifest, ObjectStore
 
 
+log = logging.getLogger("dstack.orchestrator")
 REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
-HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "20"))  # noticed within 30 s
+HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed within 30 s
 
 
 @dataclass
@@ -251,6 +253,9 @@ def _orchestrator_child(run_id: str, log: Path, expect: int | None) -> None:
         os.dup2(fd, 2)
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         code = 0
         try:
             orchestrate(run_id, expect)
@@ -425,7 +430,8 @@ class Orchestrator:
         from dstack.specs import JobSpec
 
         runner = self.runner(job.runner or "local")
-        if job.runner != "local":
+        name = job.runner or "local"
+        if job.runner != "local" and name not in self._unreachable_since:
             self._mirror_log(runner, job)
         try:
             state = runner.poll_job(job.id)
@@ -433,6 +439,9 @@ class Orchestrator:
             state = self._host_unreachable(job, e)
             if state is None:
                 return
+        else:
+            if self._unreachable_since.pop(name, None) is not None:
+                self._mirror_log(runner, job)  # back: catch up on what it printed meanwhile
         if state.status == "running":
             self._sync_real_time(runner, job)
             return
@@ -486,6 +495,7 @@ class Orchestrator:
 
         name = job.runner or "local"
         first = self._unreachable_since.setdefault(name, time.monotonic())
+        log.warning("host %s unreachable for %.1fs: %s", name, time.monotonic() - first, error)
         if ec2.configured(self.state) and ec2.check_host(self.state, name) is not None:
             return None  # the instance is gone: its jobs were interrupted (and placed again if allowed)
         if time.monotonic() - first < HOST_LOST_S:
@@ -536,14 +546,19 @@ class Orchestrator:
         offset = self._log_offsets.get(job.id)
         if offset is None:
             offset = path.stat().st_size if path.exists() else 0
-        try:
-            data = runner.read_log(job.id, offset)
-        except DstackError:
-            return
-        if data:
-            with open(path, "ab") as f:
+        with open(path, "ab") as f:
+            while True:  # a runner hands back a bounded chunk per call
+                try:
+                    data = runner.read_log(job.id, offset)
+                except HostError:
+                    self._unreachable_since.setdefault(job.runner or "local", time.monotonic())
+                    break
+                except DstackError:
+                    break
+                if not data:
+                    break
                 f.write(data)
-            offset += len(data)
+                offset += len(data)
         self._log_offsets[job.id] = offset
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from dockerd import busybox_image, docker_engine, python_image  # noqa: F401  (fixtures)
+from sshd import ssh_keys_fixture, ssh_pool_fixture, sshd_factory_fixture, sshd_fixture  # noqa: F401
 from helpers import DstackCliRunner, init_repo
 
 MakeRepo = Callable[..., Path]

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,9 @@ def store(tmp_path: Path) -> LocalObjectStore:
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> DigestCache:
+def cache(tmp_path: Path) -> Iterator[DigestCache]:
     with DigestCache(tmp_path / "digests.sqlite") as c:
-        yield c  # type: ignore[misc]
+        yield c
 
 
 def test_not_a_git_repo(tmp_path: Path, store: LocalObjectStore, cache: DigestCache) -> None:

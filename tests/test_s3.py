@@ -92,12 +92,15 @@ def test_open_store_gives_s3(server: S3Server, store: S3ObjectStore) -> None:
     assert isinstance(opened, S3ObjectStore) and opened.url == store.url
 
 
-def test_missing_bucket_is_a_storage_error(server: S3Server, store: S3ObjectStore) -> None:
-    missing = S3ObjectStore(
-        "s3://no-such-bucket-here/x", endpoint_url=server.endpoint_url, region="us-east-1"
-    )
-    with pytest.raises(StorageError, match="s3://no-such-bucket-here/x: can't write"):
-        missing.put_meta("k", b"v")
+def test_wrong_credentials_are_a_storage_error(
+    server: S3Server, store: S3ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    denied = S3ObjectStore(store.url, endpoint_url=server.endpoint_url, region="us-east-1", max_attempts=1)
+    with pytest.raises(StorageError, match=f"{store.url}: can't write k:"):
+        denied.put_meta("k", b"v")
+    with pytest.raises(StorageError, match=f"{store.url}: can't read"):
+        denied.has("0" * 64)
 
 
 def test_unreachable_endpoint_is_a_storage_error() -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
+SFTP_TIMEOUT = 10.0
 KEEPALIVE_SECONDS = 5
 # sshd's MaxSessions defaults to 10 per connection; the SFTP session holds one of them
 MAX_CHANNELS = 8
@@ -147,7 +148,7 @@ class Connection:
         self._client: paramiko.SSHClient | None = None
         self._jump: Connection | None = None
         self._sftp: paramiko.SFTPClient | None = None
-        self._sftp_lock = threading.Lock()
+        self._sftp_lock = threading.RLock()  # close() may run while sftp() holds it
         self._home: str | None = None
         self._channels = threading.BoundedSemaphore(MAX_CHANNELS)
         self.host_key: str | None = None  # `<keytype> <base64>` after connecting
@@ -331,9 +332,8 @@ class Connection:
                     if chan.recv_stderr_ready():
                         err.append(chan.recv_stderr(_BUF))
                         continue
-                    # data, EOF and the exit status arrive in order: nothing is ready and one of these
-                    # happened means all output is in
-                    if chan.eof_received or chan.closed or chan.exit_status_ready():
+                    # EOF and CLOSE come after the last data (the exit status may come before it)
+                    if chan.eof_received or chan.closed:
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -430,8 +430,8 @@ class Connection:
                     self._lost(exc)
                 assert self._sftp is not None
                 channel = self._sftp.get_channel()
-                if channel is not None:
-                    channel.settimeout(COMMAND_TIMEOUT)
+                if channel is not None:  # a dead link must show within the 30 s a lost host is noticed in
+                    channel.settimeout(SFTP_TIMEOUT)
             try:
                 yield self._sftp
             except (TimeoutError, EOFError) as exc:

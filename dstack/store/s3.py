@@ -49,6 +49,10 @@ def _missing(e: Exception) -> bool:
     return _code(e) in ("404", "NoSuchKey", "NotFound") or _status(e) == 404
 
 
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    request.headers.pop("Expect", None)
+
+
 class S3ObjectStore(ObjectStore):
     """An object store in an S3 (or S3-compatible) bucket; nothing in it is ever overwritten but meta."""
 
@@ -73,9 +77,13 @@ class S3ObjectStore(ObjectStore):
         config = Config(
             max_pool_connections=4 * _WORKERS,
             retries={"max_attempts": max_attempts, "mode": "standard"},
+            signature_version="s3v4",
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # single PUTs are small (big files go multipart): waiting for "100 Continue" gains nothing, and
+        # some S3 servers (SeaweedFS) now and then never send it, stalling the upload for a read timeout
+        self.client.meta.events.register("before-send.s3.PutObject", _no_expect_continue)
 
     # -- keys ---------------------------------------------------------------------------------
 
