@@ -73,6 +73,9 @@ def resolve_graph(project: Project, target: str, overrides: dict[str, str], args
         order.append(node)
 
     if target not in names:
+        broken = project.load_errors()
+        if broken:  # the workflow may be in a file that failed to read: that file's error says why
+            raise broken[0]
         raise UsageError(f"no workflow named '{target}' in {project.root}/.dstack",
                          hint=_near(target, names) or "see `dstack run --help` for the workflows")
     visit(target, [])
@@ -131,6 +134,7 @@ def compute_keys(nodes: list[Node], files: Manifest, working_subdir: str) -> Non
     for node in nodes:
         code = filter_code(files, working_subdir, node.spec.repo_include)
         material = {
+            "workflow": node.workflow,
             "spec": node.spec.key_material(),
             "code": code.digest(),
             "subdir": posixpath.normpath(working_subdir),

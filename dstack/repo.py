@@ -163,7 +163,8 @@ def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) ->
     )
 
 
-def _included(path: str, patterns: list[str]) -> bool:
+def is_included(path: str, patterns: list[str]) -> bool:
+    """Whether a repo path matches one of the `include` globs (a directory includes what is under it)."""
     for pattern in patterns:
         pattern = pattern.strip().removeprefix("./")
         if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern.rstrip("/") + "/"):
@@ -181,5 +182,8 @@ def checkout_files(
     `include`: glob patterns (a directory includes what is under it); files already there with the
     right content are kept.
     """
-    entries = files.entries if include is None else [e for e in files.entries if _included(e.path, include)]
+    entries = files.entries if include is None else [e for e in files.entries if is_included(e.path, include)]
     materialize(list(entries), store, target)
+
+
+_included = is_included  # the name dstack.backends.ssh imports

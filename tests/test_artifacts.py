@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from s3server import S3Server, s3_server, s3_url  # noqa: F401  (fixtures)
+from s3server import S3Server
 
 from dstack.artifacts import Progress, manifest_from_path, restore_artifacts, save_artifacts
 from dstack.errors import ArtifactError, NotFoundError, UsageError

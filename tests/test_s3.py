@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from s3server import S3Server, s3_server, s3_url  # noqa: F401  (fixtures)
+from s3server import S3Server
 
 from dstack.errors import StorageError, UsageError
 from dstack.hashing import digest_bytes

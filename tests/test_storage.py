@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import dstack
-from s3server import S3Server, s3_server  # noqa: F401  (fixture)
+from s3server import S3Server
 
 PIPELINE = """\
 workflows:
@@ -27,7 +27,7 @@ def configure(url: str, server: S3Server, cwd: Path, home: Path | None = None) -
            cwd=cwd, env=env)
 
 
-def test_pipeline_artifacts_and_tags_shared_through_a_bucket(make_repo, s3_server, tmp_path):  # noqa: F811
+def test_pipeline_artifacts_and_tags_shared_through_a_bucket(make_repo, s3_server, tmp_path):
     url = s3_server.new_url()
     repo = make_repo({".dstack/workflows.yaml": PIPELINE})
     configure(url, s3_server, repo)
@@ -56,7 +56,7 @@ def test_pipeline_artifacts_and_tags_shared_through_a_bucket(make_repo, s3_serve
     assert (out / "data/big.bin").stat().st_size == 3000000
 
 
-def test_corrupted_object_is_an_error_naming_the_file(make_repo, s3_server, tmp_path):  # noqa: F811
+def test_corrupted_object_is_an_error_naming_the_file(make_repo, s3_server, tmp_path):
     url = s3_server.new_url()
     repo = make_repo({".dstack/workflows.yaml": PIPELINE})
     configure(url, s3_server, repo)
@@ -75,7 +75,7 @@ def test_corrupted_object_is_an_error_naming_the_file(make_repo, s3_server, tmp_
     assert "Traceback" not in res.err
 
 
-def test_unreachable_bucket_is_one_line(make_repo, s3_server):  # noqa: F811
+def test_unreachable_bucket_is_one_line(make_repo, s3_server):
     repo = make_repo({".dstack/workflows.yaml": PIPELINE})
     res = dstack("config", "storage", "s3://no-such-bucket-here/x", "--endpoint-url", s3_server.endpoint_url,
                  cwd=repo, check=False)

@@ -2,11 +2,16 @@
 
 Code and dependency artifacts reach the host through its object cache (`~/.dstack/objects/`, see
 dstack.ssh.transfer); the job's `env.sh`/`job.sh`/`run.sh` are the same files the local runner writes.
+With an S3 store the host fetches what its cache lacks from the bucket and uploads its artifacts there
+itself, with pre-signed URLs (dstack.ssh.direct); SSH carries only lists. Where the host can't (no python3,
+no BLAKE3 hasher, the bucket unreachable from it) the bytes go over SSH as before, and the job's log and
+the orchestrator's log say so.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import shlex
@@ -22,10 +27,13 @@ if TYPE_CHECKING:
     from dstack.specs import JobSpec
     from dstack.ssh.config import SSHTarget
     from dstack.ssh.connection import Connection
-    from dstack.ssh.transfer import ShipResult
+    from dstack.ssh.transfer import CollectResult, ShipResult
     from dstack.store.hosts import Host
     from dstack.store.objects import Manifest, ManifestEntry, ObjectStore
+    from dstack.store.s3 import S3ObjectStore
     from dstack.store.state import State
+
+log = logging.getLogger("dstack.backends.ssh")
 
 
 class SSHRunner(Runner):
@@ -36,6 +44,10 @@ class SSHRunner(Runner):
         self.target = target
         self._root = root  # absolute dstack folder on the host; default: ~/.dstack there
         self.last_ship: ShipResult | None = None  # what the last start_job sent (for benchmarks and tests)
+        self.last_collect: CollectResult | None = None  # how the last collect_artifacts stored the files
+        # why this host can't fetch from / upload to the bucket itself (found once per process)
+        self._no_fetch: str | None = None
+        self._no_put: str | None = None
 
     @classmethod
     def for_host(cls, host: Host, root: str | None = None) -> SSHRunner:
@@ -79,7 +91,7 @@ class SSHRunner(Runner):
 
     def start_job(self, ctx: JobContext) -> None:
         from dstack.backends.local import requirements_digest
-        from dstack.ssh import process, transfer
+        from dstack.ssh import direct, process, transfer
 
         conn = self.conn
         jd = self.job_dir(ctx.job_id)
@@ -93,12 +105,23 @@ class SSHRunner(Runner):
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
         missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in placed))
-        sent = transfer.upload_objects(conn, self.root, missing, ctx.store)
-        self.last_ship = transfer.ShipResult(len(placed), len(missing), sent)
+        ship = transfer.ShipResult(len(placed))
+        s3 = direct.s3_store(ctx.store)
+        over_ssh, note = missing, ""
+        if s3 is not None:
+            over_ssh, note = self._fetch_from_bucket(
+                s3, {e.digest: e.size for _, e in placed if e.digest in missing}, ship
+            )
+        ship.objects_sent = len(over_ssh)
+        ship.bytes_sent = transfer.upload_objects(conn, self.root, over_ssh, ctx.store)
+        self.last_ship = ship
+        job_sh = render_job(ctx, jd, f"{self.root}/venvs", requirements_digest(ctx))
+        if note:
+            job_sh = _with_note(job_sh, note)
         passthrough = {k: os.environ[k] for k in ctx.spec.passthrough_env if k in os.environ}
         files = {
             "env.sh": (render_env(job_env(ctx, passthrough)).encode(), 0o600),
-            "job.sh": (render_job(ctx, jd, f"{self.root}/venvs", requirements_digest(ctx)).encode(), 0o644),
+            "job.sh": (job_sh.encode(), 0o644),
             "run.sh": (RUN_SH.encode(), 0o755),
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
             ".files": (transfer.materialize_records(placed), 0o600),
@@ -111,6 +134,42 @@ class SSHRunner(Runner):
             f"{process.launch_command(jd)}",
             lambda stdin: _write_tar(stdin, files),
         )
+
+    def _fetch_from_bucket(
+        self, s3: S3ObjectStore, sizes: dict[str, int], ship: ShipResult
+    ) -> tuple[set[str], str]:
+        """Have the host fetch what its cache lacks from the bucket: (what must go over SSH, a log note)."""
+        from dstack.errors import RemoteCommandError
+        from dstack.ssh import direct
+
+        if not sizes:
+            return set(), f"dstack: inputs: all in {self.name}'s cache"
+        reason = self._no_fetch
+        failed: dict[str, str] = dict.fromkeys(sizes, reason or "")
+        if reason is None:
+            try:
+                fetched = direct.fetch_objects(self.conn, self.root, s3, sizes)
+            except RemoteCommandError as e:  # no python3 there, most likely
+                self._no_fetch = reason = f"the host can't run the fetch: {e.output.strip()[-200:] or e}"
+            else:
+                ship.objects_fetched, ship.bytes_fetched, failed = (
+                    fetched.objects,
+                    fetched.bytes,
+                    fetched.failed,
+                )
+                if failed and not fetched.objects:
+                    reason = next(iter(failed.values()))
+                    if "can't reach the bucket" in reason:
+                        self._no_fetch = reason
+        note = (
+            f"dstack: inputs: {ship.objects_fetched} objects ({_size(ship.bytes_fetched)}) fetched by "
+            f"{self.name} from {s3.url} directly"
+        )
+        if failed:
+            why = reason or next(iter(failed.values()))
+            note += f"; {len(failed)} objects ({_size(sum(sizes[d] for d in failed))}) sent over SSH ({why})"
+        log.info("%s", note.removeprefix("dstack: "))
+        return set(failed), note
 
     def poll_job(self, job_id: str) -> JobState:
         from dstack.ssh import process
@@ -142,7 +201,8 @@ class SSHRunner(Runner):
         self, job_id: str, spec: JobSpec, store: ObjectStore, working_subdir: str | None = None
     ) -> tuple[Manifest, list[str]]:
         from dstack.artifacts import save_artifacts
-        from dstack.ssh.transfer import download_paths
+        from dstack.ssh import direct
+        from dstack.ssh.transfer import CollectResult, download_paths
 
         jd = self.job_dir(job_id)
         if working_subdir is None:
@@ -155,12 +215,96 @@ class SSHRunner(Runner):
         base = posixpath.normpath(posixpath.join(jd, "work", working_subdir, spec.working_dir))
         declared = [a.path for a in spec.artifacts]
         remote = [p if p.startswith("/") else posixpath.normpath(p) for p in declared]
+        s3 = direct.s3_store(store)
+        if s3 is not None and declared:
+            if self._no_put is None:
+                done = self._put_to_bucket(s3, base, declared, remote)
+                if done is not None:
+                    return done
+            log.info("%s: artifacts of %s go over SSH: %s", self.name, job_id, self._no_put)
+        self.last_collect = CollectResult("ssh", reason=self._no_put or "")
         with tempfile.TemporaryDirectory(prefix="dstack-collect-") as tmp:
             missing = set(download_paths(self.conn, base, remote, Path(tmp)))
             present = [(d, r.lstrip("/")) for d, r in zip(declared, remote, strict=True) if r not in missing]
             result = save_artifacts(Path(tmp), [rel for _, rel in present], store)
             self._cache_on_host(jd, base, result.manifest.entries, present)
+        self.last_collect.files = len(result.manifest.entries)
+        self.last_collect.objects_over_ssh = result.new_objects
         return result.manifest, [d for d, r in zip(declared, remote, strict=True) if r in missing]
+
+    def _put_to_bucket(
+        self, s3: S3ObjectStore, base: str, declared: list[str], remote: list[str]
+    ) -> tuple[Manifest, list[str]] | None:
+        """Have the host hash its artifacts into its cache and upload what the bucket lacks itself.
+
+        None if the host can't (no python3 or no BLAKE3 hasher there): the caller goes over SSH.
+        """
+        from dstack.artifacts import _entry_base
+        from dstack.errors import RemoteCommandError
+        from dstack.ssh import direct
+        from dstack.ssh.transfer import CollectResult
+        from dstack.store.objects import Manifest, check_digest
+
+        paths = [
+            (d, r if r.startswith("/") else f"{base}/{r}", _entry_base(d))
+            for d, r in zip(declared, remote, strict=True)
+        ]
+        try:
+            saved = direct.save_on_host(self.conn, self.root, paths)
+        except RemoteCommandError as err:
+            self._no_put = f"the host can't hash its artifacts: {err.output.strip()[-200:] or err}"
+            return None
+        if saved is None:
+            self._no_put = "no BLAKE3 hasher on the host (pip install blake3 there, or put b3sum on its PATH)"
+            return None
+        entries = sorted(saved.entries, key=lambda entry: entry.path)
+        manifest = Manifest.model_validate(
+            {
+                "entries": [
+                    {"path": f.path, "size": f.size, "mode": f.mode, "digest": check_digest(f.digest)}
+                    for f in entries
+                ]
+            }
+        )
+        objects = {f.digest: (f.size, f.sha256) for f in entries}
+        todo = direct.missing_in_bucket(s3, objects)
+        big = {d for d in todo if objects[d][0] > direct.MAX_PUT_BYTES}
+        result = CollectResult("s3", files=len(saved.entries))
+        failed: dict[str, str] = dict.fromkeys(big, "bigger than one PUT may be")
+        small = [(d, *objects[d]) for d in sorted(todo - big)]
+        try:
+            put = direct.put_objects(self.conn, self.root, s3, small)
+        except RemoteCommandError as err:
+            failed.update(dict.fromkeys((d for d, _, _ in small), str(err)))
+        else:
+            result.objects_put, result.bytes_put = put.objects, put.bytes
+            failed.update(put.failed)
+            if failed and not put.objects and any("can't reach the bucket" in w for w in put.failed.values()):
+                self._no_put = next(iter(put.failed.values()))
+        if failed:
+            result.reason = next(iter(failed.values()))
+            result.objects_over_ssh = len(failed)
+            self._upload_from_cache(sorted(failed), s3)
+        self.last_collect = result
+        log.info(
+            "%s: artifacts: %d files, %d new objects (%s) uploaded by the host to %s directly%s",
+            self.name,
+            result.files,
+            result.objects_put,
+            _size(result.bytes_put),
+            s3.url,
+            f"; {len(failed)} over SSH ({result.reason})" if failed else "",
+        )
+        return manifest, saved.missing
+
+    def _upload_from_cache(self, digests: list[str], store: ObjectStore) -> None:
+        """Bring objects from the host's cache over SSH and store them (their digests checked here)."""
+        from dstack.ssh.transfer import download_paths
+
+        with tempfile.TemporaryDirectory(prefix="dstack-collect-") as tmp:
+            download_paths(self.conn, f"{self.root}/objects", digests, Path(tmp))
+            for digest in digests:
+                store.put_file(Path(tmp) / digest, digest)
 
     def _cache_on_host(
         self, jd: str, base: str, entries: list[ManifestEntry], present: list[tuple[str, str]]
@@ -195,6 +339,27 @@ class SSHRunner(Runner):
 
     def close(self) -> None:
         """Connections are pooled per process (dstack.ssh.connection.close_all closes them)."""
+
+
+def _with_note(job_sh: str, note: str) -> str:
+    """The job's script with `note` echoed first, so the job's log says how its inputs arrived."""
+    line = f"echo {shlex.quote(note)}\n"
+    if job_sh.startswith("#!"):
+        first, _, rest = job_sh.partition("\n")
+        return f"{first}\n{line}{rest}"
+    return line + job_sh
+
+
+def _size(n: int) -> str:
+    """A byte count for people: 812 B, 3.0 MB."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _write_tar(stdin: IO[bytes], files: dict[str, tuple[bytes, int]]) -> None:

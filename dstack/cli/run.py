@@ -38,6 +38,12 @@ def run(
     if show_help or "--help" in extra or "-h" in extra or not (workflow or reproduce):
         _print_help(ctx, workflow)
         return
+    import sys
+
+    if "--" in sys.argv[1:]:  # click swallows `--`: what follows it are the run's own arguments
+        after = sys.argv[sys.argv.index("--") + 1:]
+        if after and extra[-len(after):] == after:
+            extra = [*extra[: len(extra) - len(after)], "--", *after]
     overrides, args = parse_variables(extra)
     from dstack.runs import RunRequest, create_run, start_orchestrator
     from dstack.store.state import open_state

@@ -67,11 +67,25 @@ done
 
 @dataclass
 class ShipResult:
-    """What shipping cost: objects and bytes sent (0 and 0 when the host had everything)."""
+    """What shipping cost: objects and bytes sent over SSH, and those the host fetched from the bucket."""
 
     files: int = 0
     objects_sent: int = 0
     bytes_sent: int = 0
+    objects_fetched: int = 0
+    bytes_fetched: int = 0
+
+
+@dataclass
+class CollectResult:
+    """How a job's artifacts reached the store: uploaded by the host itself ("s3") or over SSH ("ssh")."""
+
+    path: str
+    files: int = 0
+    objects_put: int = 0
+    bytes_put: int = 0
+    objects_over_ssh: int = 0
+    reason: str = ""  # why (some) objects went over SSH
 
 
 def missing_objects(conn: Connection, root: str, digests: Iterable[str]) -> set[str]:
