@@ -269,7 +269,7 @@ class SSHRunner(Runner):
         objects = {f.digest: (f.size, f.sha256) for f in entries}
         todo = direct.missing_in_bucket(s3, objects)
         big = {d for d in todo if objects[d][0] > direct.MAX_PUT_BYTES}
-        result = CollectResult("s3", files=len(saved.entries))
+        result = CollectResult("s3", files=len(saved.entries), hasher=saved.hasher)
         failed: dict[str, str] = dict.fromkeys(big, "bigger than one PUT may be")
         small = [(d, *objects[d]) for d in sorted(todo - big)]
         try:
@@ -287,8 +287,9 @@ class SSHRunner(Runner):
             self._upload_from_cache(sorted(failed), s3)
         self.last_collect = result
         log.info(
-            "%s: artifacts: %d files, %d new objects (%s) uploaded by the host to %s directly%s",
+            "%s: artifacts: %d files hashed with %s, %d new objects (%s) uploaded by the host to %s%s",
             self.name,
+            saved.hasher,
             result.files,
             result.objects_put,
             _size(result.bytes_put),

@@ -151,6 +151,7 @@ class Connection:
         self._sftp_lock = threading.RLock()  # close() may run while sftp() holds it
         self._home: str | None = None
         self._channels = threading.BoundedSemaphore(MAX_CHANNELS)
+        self._open_lock = threading.Lock()
         self.host_key: str | None = None  # `<keytype> <base64>` after connecting
 
     # connecting
@@ -245,8 +246,10 @@ class Connection:
 
     @property
     def transport(self) -> paramiko.Transport:
-        if self._client is None:
-            raise HostError(f"{self.name}: not connected")
+        if self._client is None:  # dropped (by another thread's failure, say): connect again, once
+            with self._open_lock:
+                if self._client is None:
+                    self.open()
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise HostError(f"{self.name}: connection to {self.target.describe()} was lost")

@@ -398,6 +398,6 @@ def _presigned_put(store: S3ObjectStore, digest: str, sha256: str, expires_s: in
 def missing_in_bucket(store: S3ObjectStore, digests: Iterable[str]) -> set[str]:
     """The digests among `digests` whose objects the bucket lacks (HEAD requests, in parallel)."""
     wanted = sorted(set(digests))
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=32) as pool:  # the store's client pools 32 connections
         present = list(pool.map(store.has, wanted))
     return {d for d, there in zip(wanted, present, strict=True) if not there}

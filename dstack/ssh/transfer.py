@@ -86,6 +86,7 @@ class CollectResult:
     bytes_put: int = 0
     objects_over_ssh: int = 0
     reason: str = ""  # why (some) objects went over SSH
+    hasher: str = ""  # what computed BLAKE3 on the host: "python-blake3" or "b3sum"
 
 
 def missing_objects(conn: Connection, root: str, digests: Iterable[str]) -> set[str]:
