@@ -22,8 +22,9 @@ class ConfigError(DstackError):
 
     exit_code = 2
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, hint: str | None = None
+    ) -> None:
         self.file = file
         self.line = line
         where = file if line is None else f"{file}:{line}"
@@ -67,7 +68,7 @@ class HostError(DstackError):
 
 
 class RemoteCommandError(HostError):
-    """A command on a host exited non-zero: carries the host, the command, the exit code and the output tail."""
+    """A command on a host exited non-zero: carries the host, command, exit code and output tail."""
 
     def __init__(self, host: str, command: str, exit_code: int, output: str) -> None:
         self.host = host

@@ -37,8 +37,9 @@ class Node:
     upstream_keys: list[str] = field(default_factory=list)
 
 
-def resolve_graph(project: Project, target: str, overrides: dict[str, str], args: list[str],
-                  state: State) -> list[Node]:
+def resolve_graph(
+    project: Project, target: str, overrides: dict[str, str], args: list[str], state: State
+) -> list[Node]:
     """The jobs `dstack run TARGET` needs, upstream first; a cycle, unknown workflow or tag is an error."""
     known_vars: set[str] = set()
     nodes: dict[str, Node] = {}
@@ -49,9 +50,10 @@ def resolve_graph(project: Project, target: str, overrides: dict[str, str], args
         if name in nodes:
             return
         if name in path:
-            cycle = " → ".join([*path[path.index(name):], name])
-            raise ConfigError(f"workflows depend on each other in a cycle: {cycle}",
-                              hint="remove one of these dependencies")
+            cycle = " → ".join([*path[path.index(name) :], name])
+            raise ConfigError(
+                f"workflows depend on each other in a cycle: {cycle}", hint="remove one of these dependencies"
+            )
         variables = project.variables(name)
         known_vars.update(variables)
         own = {k: v for k, v in overrides.items() if k in variables}
@@ -63,7 +65,8 @@ def resolve_graph(project: Project, target: str, overrides: dict[str, str], args
                     raise ConfigError(
                         f"workflow '{name}' depends on '{dep.workflow}', "
                         "which is not a workflow of this repo",
-                        hint=_near(dep.workflow, names) or "check `depends-on`")
+                        hint=_near(dep.workflow, names) or "check `depends-on`",
+                    )
                 visit(dep.workflow, [*path, name])
                 if dep.workflow not in node.upstream:
                     node.upstream.append(dep.workflow)
@@ -76,14 +79,17 @@ def resolve_graph(project: Project, target: str, overrides: dict[str, str], args
         broken = project.load_errors()
         if broken:  # the workflow may be in a file that failed to read: that file's error says why
             raise broken[0]
-        raise UsageError(f"no workflow named '{target}' in {project.root}/.dstack",
-                         hint=_near(target, names) or "see `dstack run --help` for the workflows")
+        raise UsageError(
+            f"no workflow named '{target}' in {project.root}/.dstack",
+            hint=_near(target, names) or "see `dstack run --help` for the workflows",
+        )
     visit(target, [])
     unknown = sorted(set(overrides) - known_vars)
     if unknown:
         hint = ", ".join(sorted(known_vars)) or "none"
-        raise UsageError(f"unknown variable '--{unknown[0]}' for workflow '{target}'",
-                         hint=f"its variables: {hint}")
+        raise UsageError(
+            f"unknown variable '--{unknown[0]}' for workflow '{target}'", hint=f"its variables: {hint}"
+        )
     return order
 
 
@@ -100,14 +106,17 @@ def resolve_tag(state: State, dep: DependencySpec, workflow: str) -> TagInput:
     if tag is None:
         raise ConfigError(
             f"workflow '{workflow}' depends on '{dep.label()}', but there is no tag '{dep.tag}'",
-            hint=f"run the workflow and `dstack tags add {dep.tag} RUN`, or see `dstack tags list`")
+            hint=f"run the workflow and `dstack tags add {dep.tag} RUN`, or see `dstack tags list`",
+        )
     jobs = [j for j in state.jobs(tag.run_id) if j.status in ("done", "reused") and j.manifest]
     if dep.workflow:
         jobs = [j for j in jobs if j.workflow == dep.workflow]
         if not jobs:
-            raise ConfigError(f"workflow '{workflow}' depends on '{dep.label()}', but run {tag.run_name} "
-                              f"(tag '{dep.tag}') has no finished job of workflow '{dep.workflow}'",
-                              hint=f"depend on ':{dep.tag}' for all of that run's artifacts")
+            raise ConfigError(
+                f"workflow '{workflow}' depends on '{dep.label()}', but run {tag.run_name} "
+                f"(tag '{dep.tag}') has no finished job of workflow '{dep.workflow}'",
+                hint=f"depend on ':{dep.tag}' for all of that run's artifacts",
+            )
     return TagInput(dep.label(), jobs)
 
 
@@ -120,7 +129,7 @@ def filter_code(files: Manifest, working_subdir: str, include: list[str] | None)
     prefix = "" if working_subdir in ("", ".") else working_subdir.rstrip("/") + "/"
     kept = []
     for entry in files.entries:
-        rel = entry.path[len(prefix):] if prefix and entry.path.startswith(prefix) else entry.path
+        rel = entry.path[len(prefix) :] if prefix and entry.path.startswith(prefix) else entry.path
         if any(fnmatch.fnmatch(rel, g) or rel.startswith(g.rstrip("/") + "/") for g in include):
             kept.append(entry)
     return Manifest(entries=kept)

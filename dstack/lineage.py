@@ -60,11 +60,21 @@ def job_lineage(state: State, job: Job, seen: set[str] | None = None) -> Lineage
     tags = [t.name for t in state.tags() if t.run_id == origin.run_id]
     rows = state.artifact_rows(origin.id)
     node = LineageNode(
-        workflow=job.workflow, job_id=job.id, run=state.run(job.run_id).name, status=job.status,
-        variables=dict(origin.spec.get("variables") or {}), commit=run.commit_sha, branch=run.branch,
-        diff_summary=diff_summary(run.diff), untracked=len(run.untracked), runner=origin.runner,
-        image=origin.spec.get("image"), reused_from=job.reused_from,
-        artifacts=[{"path": r.path, "size": r.size, "digest": r.digest} for r in rows], tags=tags)
+        workflow=job.workflow,
+        job_id=job.id,
+        run=state.run(job.run_id).name,
+        status=job.status,
+        variables=dict(origin.spec.get("variables") or {}),
+        commit=run.commit_sha,
+        branch=run.branch,
+        diff_summary=diff_summary(run.diff),
+        untracked=len(run.untracked),
+        runner=origin.runner,
+        image=origin.spec.get("image"),
+        reused_from=job.reused_from,
+        artifacts=[{"path": r.path, "size": r.size, "digest": r.digest} for r in rows],
+        tags=tags,
+    )
     seen.add(job.id)
     for up_id in job.upstream:
         if up_id in seen:
@@ -79,11 +89,18 @@ def run_lineage(state: State, run_ref: str, path: str | None = None) -> list[Lin
     jobs = state.jobs(run.id)
     if path is not None:
         wanted = path.strip("/")
-        makers = [j for j in jobs if any(r.path == wanted or r.path.startswith(wanted + "/")
-                                         for r in state.artifact_rows(j.reused_from or j.id))]
+        makers = [
+            j
+            for j in jobs
+            if any(
+                r.path == wanted or r.path.startswith(wanted + "/")
+                for r in state.artifact_rows(j.reused_from or j.id)
+            )
+        ]
         if not makers:
-            raise NotFoundError(f"run {run.name} has no artifact '{path}'",
-                                hint=f"see `dstack artifacts list {run.name}`")
+            raise NotFoundError(
+                f"run {run.name} has no artifact '{path}'", hint=f"see `dstack artifacts list {run.name}`"
+            )
         return [job_lineage(state, makers[-1])]
     needed = {u for j in jobs for u in j.upstream}
     return [job_lineage(state, j) for j in jobs if j.id not in needed]

@@ -32,8 +32,12 @@ def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
     if res.disk_mib and cap.disk_free_mib and res.disk_mib > cap.disk_free_mib:
         return f"disk ({res.disk_mib} MiB asked, {cap.disk_free_mib} MiB free)"
     if res.gpu.count:
-        gpus = [g for g in cap.gpus if gpu_matches(g.name, res.gpu.name)
-                and (not res.gpu.memory_mib or g.memory_mib >= res.gpu.memory_mib)]
+        gpus = [
+            g
+            for g in cap.gpus
+            if gpu_matches(g.name, res.gpu.name)
+            and (not res.gpu.memory_mib or g.memory_mib >= res.gpu.memory_mib)
+        ]
         if len(gpus) < res.gpu.count:
             what = f"{res.gpu.name} " if res.gpu.name else ""
             return f"GPUs ({res.gpu.count} {what}asked, {len(gpus)} there)"
@@ -53,8 +57,13 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
         return None
     gpus: list[int] = []
     if res.gpu.count:
-        free = [g.index for g in cap.gpus if g.index not in used_gpus and gpu_matches(g.name, res.gpu.name)
-                and (not res.gpu.memory_mib or g.memory_mib >= res.gpu.memory_mib)]
+        free = [
+            g.index
+            for g in cap.gpus
+            if g.index not in used_gpus
+            and gpu_matches(g.name, res.gpu.name)
+            and (not res.gpu.memory_mib or g.memory_mib >= res.gpu.memory_mib)
+        ]
         if len(free) < res.gpu.count:
             return None
         gpus = free[: res.gpu.count]

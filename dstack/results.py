@@ -37,8 +37,9 @@ def list_artifacts(state: State, run: Run) -> list[RunArtifact]:
     return result
 
 
-def download_artifacts(state: State, run: Run, target: Path, path: str | None = None,
-                       on_progress: OnProgress | None = None) -> list[Path]:
+def download_artifacts(
+    state: State, run: Run, target: Path, path: str | None = None, on_progress: OnProgress | None = None
+) -> list[Path]:
     """Restore the run's artifacts (or those under `path`) into `target`, every digest checked."""
     from dstack.artifacts import restore_artifacts, select_entries
     from dstack.store import open_object_store
@@ -68,6 +69,7 @@ class Comparison:
 
 def compare_runs(state: State, run: Run, other: Run) -> list[Comparison]:
     """Per workflow (and variables), whether the two runs' artifacts are byte for byte the same."""
+
     def files(r: Run) -> dict[tuple[str, str], dict[str, str]]:
         result: dict[tuple[str, str], dict[str, str]] = {}
         for job in state.jobs(r.id):

@@ -66,9 +66,17 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         reproduce_of = old.id
         store = open_object_store(state)
         project, repo = _past_project(state, old, store)
-        req = RunRequest(old.workflow, req.cwd, dict(old.variables), list(old.args), host=req.host,
-                         force=True, keep=req.keep, grid=_grid_of(old),
-                         real_time_artifacts=req.real_time_artifacts)
+        req = RunRequest(
+            old.workflow,
+            req.cwd,
+            dict(old.variables),
+            list(old.args),
+            host=req.host,
+            force=True,
+            keep=req.keep,
+            grid=_grid_of(old),
+            real_time_artifacts=req.real_time_artifacts,
+        )
     else:
         from dstack.workflows import load_project
 
@@ -95,13 +103,32 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     name = run_name(taken)
     now = time.time()
     run = Run(
-        id=uuid.uuid4().hex, name=name, workflow=req.workflow, status="pending",
-        project_root=str(project.root), repo_root=str(repo.repo_root), working_subdir=repo.working_subdir,
-        remote_url=repo.remote_url, branch=repo.branch, commit_sha=repo.commit, diff=repo.diff,
-        untracked=repo.untracked, code_manifest=code_name, variables=dict(req.overrides), args=req.args,
-        sweep=name if req.grid and len(req.grid) > 1 else None, reproduce_of=reproduce_of,
-        host_pin=req.host, force=req.force, keep=req.keep, orchestrator_pid=None, orchestrator_start=None,
-        reason=None, created_at=now, finished_at=None)
+        id=uuid.uuid4().hex,
+        name=name,
+        workflow=req.workflow,
+        status="pending",
+        project_root=str(project.root),
+        repo_root=str(repo.repo_root),
+        working_subdir=repo.working_subdir,
+        remote_url=repo.remote_url,
+        branch=repo.branch,
+        commit_sha=repo.commit,
+        diff=repo.diff,
+        untracked=repo.untracked,
+        code_manifest=code_name,
+        variables=dict(req.overrides),
+        args=req.args,
+        sweep=name if req.grid and len(req.grid) > 1 else None,
+        reproduce_of=reproduce_of,
+        host_pin=req.host,
+        force=req.force,
+        keep=req.keep,
+        orchestrator_pid=None,
+        orchestrator_start=None,
+        reason=None,
+        created_at=now,
+        finished_at=None,
+    )
     jobs: list[Job] = []
     ids: dict[str, str] = {}
     status_of: dict[str, str] = {}
@@ -122,12 +149,26 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
             reused = None  # an upstream runs again, so this one must too
         status_of[node.key] = "reused" if reused else "pending"
         job = Job(
-            id=job_id, run_id=run.id, workflow=node.workflow, status=status_of[node.key],
-            spec=_substitute_reserved(spec.model_dump(), name, job_id), key=node.key, upstream=upstream,
-            reused_from=(reused.reused_from or reused.id) if reused else None, runner=None, reserved=None,
-            attempt=1, exit_code=0 if reused else None, reason=None,
-            manifest=reused.manifest if reused else None, log_path=None, created_at=now + i * 1e-6,
-            started_at=None, finished_at=now if reused else None, run_name=name)
+            id=job_id,
+            run_id=run.id,
+            workflow=node.workflow,
+            status=status_of[node.key],
+            spec=_substitute_reserved(spec.model_dump(), name, job_id),
+            key=node.key,
+            upstream=upstream,
+            reused_from=(reused.reused_from or reused.id) if reused else None,
+            runner=None,
+            reserved=None,
+            attempt=1,
+            exit_code=0 if reused else None,
+            reason=None,
+            manifest=reused.manifest if reused else None,
+            log_path=None,
+            created_at=now + i * 1e-6,
+            started_at=None,
+            finished_at=now if reused else None,
+            run_name=name,
+        )
         jobs.append(job)
     if all(j.status == "reused" for j in jobs):
         run.status, run.finished_at = "done", now
@@ -161,9 +202,17 @@ def _past_project(state: State, old: Run, store: ObjectStore) -> tuple[Any, Any]
     tmp = Path(tempfile.mkdtemp(prefix="dstack-reproduce-"))
     materialize(config, store, tmp)
     project = load_project(tmp / (sub or "."))
-    repo = RepoState(repo_root=Path(old.repo_root), project_root=Path(old.project_root),
-                     remote_url=old.remote_url, branch=old.branch, commit=old.commit_sha, diff=old.diff or "",
-                     untracked=old.untracked, files=files, working_subdir=old.working_subdir)
+    repo = RepoState(
+        repo_root=Path(old.repo_root),
+        project_root=Path(old.project_root),
+        remote_url=old.remote_url,
+        branch=old.branch,
+        commit=old.commit_sha,
+        diff=old.diff or "",
+        untracked=old.untracked,
+        files=files,
+        working_subdir=old.working_subdir,
+    )
     return project, repo
 
 
@@ -203,6 +252,7 @@ def _substitute_reserved(spec: dict[str, Any], run_name: str, job_id: str) -> di
 
 
 # -- the orchestrator ------------------------------------------------------------------------------------
+
 
 def process_start(pid: int) -> str | None:
     """The kernel's start time of a process (guards against a reused pid)."""
@@ -253,8 +303,9 @@ def _orchestrator_child(run_id: str, log: Path, expect: int | None) -> None:
         os.dup2(fd, 2)
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         code = 0
         try:
@@ -327,9 +378,13 @@ class Orchestrator:
                 ups = [by_id.get(u) or self.state.job(u) for u in job.upstream]
                 bad = [u for u in ups if u.status in ("failed", "stopped", "cancelled")]
                 if bad:
-                    self.state.transition(job.id, ("pending", "waiting"), status="cancelled",
-                                          reason=f"upstream job {bad[0].workflow} {bad[0].status}",
-                                          finished_at=time.time())
+                    self.state.transition(
+                        job.id,
+                        ("pending", "waiting"),
+                        status="cancelled",
+                        reason=f"upstream job {bad[0].workflow} {bad[0].status}",
+                        finished_at=time.time(),
+                    )
                 elif all(u.status in ("done", "reused") for u in ups):
                     self.place(job, ups)
         jobs = self.state.jobs(run.id)
@@ -391,13 +446,15 @@ class Orchestrator:
                     break
         if chosen is None:
             if job.status != "waiting":
-                self.state.set_job(job.id, status="waiting",
-                                   reason="no runner has " + _wants(spec) + " free now")
+                self.state.set_job(
+                    job.id, status="waiting", reason="no runner has " + _wants(spec) + " free now"
+                )
             return
         self.start(job, spec, chosen.name, reserved or {}, upstream)
 
-    def start(self, job: Job, spec: Any, runner_name: str, reserved: dict[str, Any],
-              upstream: list[Job]) -> None:
+    def start(
+        self, job: Job, spec: Any, runner_name: str, reserved: dict[str, Any], upstream: list[Job]
+    ) -> None:
         from dstack.backends.base import DependencyArtifacts, JobContext
         from dstack.graph import load_manifest
 
@@ -405,9 +462,17 @@ class Orchestrator:
         for up in upstream:
             deps.append(DependencyArtifacts(up.workflow, load_manifest(self.store, up.manifest)))
         ports = _free_ports(spec.ports.count) + list(spec.ports.fixed)
-        ctx = JobContext(job_id=job.id, run_name=self.run.name, spec=spec, code=self.code,
-                         working_subdir=self.run.working_subdir, dependencies=deps, store=self.store,
-                         gpu_indexes=list(reserved.get("gpus", [])), ports=ports)
+        ctx = JobContext(
+            job_id=job.id,
+            run_name=self.run.name,
+            spec=spec,
+            code=self.code,
+            working_subdir=self.run.working_subdir,
+            dependencies=deps,
+            store=self.store,
+            gpu_indexes=list(reserved.get("gpus", [])),
+            ports=ports,
+        )
         runner = self.runner(runner_name)
         try:
             runner.start_job(ctx)
@@ -416,8 +481,9 @@ class Orchestrator:
             return
         log_path = getattr(runner, "log_path", None)
         local_log = str(log_path(job.id)) if log_path else str(self._mirror_path(job.id))
-        if not self.state.transition(job.id, ("starting",), status="running", started_at=time.time(),
-                                     reason=None, log_path=local_log):
+        if not self.state.transition(
+            job.id, ("starting",), status="running", started_at=time.time(), reason=None, log_path=local_log
+        ):
             runner.stop_job(job.id)  # stopped while it was starting
             runner.cleanup_job(job.id, keep=self.run.keep)
 
@@ -436,9 +502,10 @@ class Orchestrator:
         try:
             state = runner.poll_job(job.id)
         except HostError as e:
-            state = self._host_unreachable(job, e)
-            if state is None:
+            lost = self._host_unreachable(job, e)
+            if lost is None:
                 return
+            state = lost
         else:
             if self._unreachable_since.pop(name, None) is not None:
                 self._mirror_log(runner, job)  # back: catch up on what it printed meanwhile
@@ -451,8 +518,9 @@ class Orchestrator:
         now = time.time()
         if state.status == "exited" and state.exit_code == 0:
             try:
-                manifest, missing = runner.collect_artifacts(job.id, spec, self.store,
-                                                             self.run.working_subdir)
+                manifest, missing = runner.collect_artifacts(
+                    job.id, spec, self.store, self.run.working_subdir
+                )
             except DstackError as e:
                 self._fail(job, f"saving artifacts failed: {e}")
                 return
@@ -462,15 +530,22 @@ class Orchestrator:
             status, reason = "done", None
             if missing:
                 status, reason = "failed", f"artifact path {missing[0]!r} was not created by the job"
-            self.state.save_artifact_rows(job.id, rows, name, status=status, exit_code=0, reason=reason,
-                                          finished_at=now)
+            self.state.save_artifact_rows(
+                job.id, rows, name, status=status, exit_code=0, reason=reason, finished_at=now
+            )
         elif state.status == "exited":
             reason = state.reason or f"exited with code {state.exit_code}"
             last = self._last_log_line(job)
             if last and state.exit_code != 143:
                 reason += f": {last}"
-            self.state.transition(job.id, ("running",), status="failed", exit_code=state.exit_code,
-                                  reason=reason, finished_at=now)
+            self.state.transition(
+                job.id,
+                ("running",),
+                status="failed",
+                exit_code=state.exit_code,
+                reason=reason,
+                finished_at=now,
+            )
         else:
             self._retry_or_fail(job, spec, state.reason or "the job was lost", "host-lost")
         runner.cleanup_job(job.id, keep=self.run.keep)
@@ -500,8 +575,9 @@ class Orchestrator:
             return None  # the instance is gone: its jobs were interrupted (and placed again if allowed)
         if time.monotonic() - first < HOST_LOST_S:
             return None
-        self.state.db.execute("UPDATE hosts SET status = 'unreachable', last_error = ? WHERE name = ?",
-                              (str(error), name))
+        self.state.db.execute(
+            "UPDATE hosts SET status = 'unreachable', last_error = ? WHERE name = ?", (str(error), name)
+        )
         return JobState("lost", reason=f"host {name} stopped answering: {error}")
 
     def _sync_real_time(self, runner: Runner, job: Job) -> None:
@@ -530,16 +606,28 @@ class Orchestrator:
     def _retry_or_fail(self, job: Job, spec: Any, reason: str, kind: str) -> None:
         retry = spec.retry
         if retry is not None and job.attempt <= retry.limit and kind in retry.on:
-            self.state.transition(job.id, ("running", "starting"), status="pending", runner=None,
-                                  reserved=None, attempt=job.attempt + 1,
-                                  reason=f"attempt {job.attempt} failed ({reason}); retrying")
+            self.state.transition(
+                job.id,
+                ("running", "starting"),
+                status="pending",
+                runner=None,
+                reserved=None,
+                attempt=job.attempt + 1,
+                reason=f"attempt {job.attempt} failed ({reason}); retrying",
+            )
             return
-        self.state.transition(job.id, ("running", "starting"), status="failed", reason=reason,
-                              finished_at=time.time())
+        self.state.transition(
+            job.id, ("running", "starting"), status="failed", reason=reason, finished_at=time.time()
+        )
 
     def _fail(self, job: Job, reason: str) -> None:
-        self.state.transition(job.id, ("pending", "waiting", "starting", "running"), status="failed",
-                              reason=reason, finished_at=time.time())
+        self.state.transition(
+            job.id,
+            ("pending", "waiting", "starting", "running"),
+            status="failed",
+            reason=reason,
+            finished_at=time.time(),
+        )
 
     def _mirror_log(self, runner: Runner, job: Job) -> None:
         path = self._mirror_path(job.id)
@@ -610,11 +698,21 @@ def stop_run(state: State, ref: str) -> Run:
     runners: dict[str, Runner] = {}
     for job in state.jobs(run.id):
         if job.status in ("pending", "waiting"):
-            state.transition(job.id, ("pending", "waiting"), status="cancelled", reason="run stopped",
-                             finished_at=time.time())
+            state.transition(
+                job.id,
+                ("pending", "waiting"),
+                status="cancelled",
+                reason="run stopped",
+                finished_at=time.time(),
+            )
         elif job.status in ("starting", "running"):
-            state.transition(job.id, ("starting", "running"), status="stopped", reason="stopped by user",
-                             finished_at=time.time())
+            state.transition(
+                job.id,
+                ("starting", "running"),
+                status="stopped",
+                reason="stopped by user",
+                finished_at=time.time(),
+            )
             name = job.runner or "local"
             runner = runners.setdefault(name, open_runner(state, name))
             try:
@@ -653,6 +751,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 # -- following a run ------------------------------------------------------------------------------------
+
 
 @dataclass
 class LogEvent:

@@ -21,8 +21,13 @@ def read_settings(state: State) -> dict[str, dict[str, Any]]:
     return result
 
 
-def set_storage(state: State, url: str, endpoint_url: str | None = None, region: str | None = None,
-                profile: str | None = None) -> dict[str, str]:
+def set_storage(
+    state: State,
+    url: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+) -> dict[str, str]:
     """Make `url` the artifact store after checking it answers; `local` goes back to the default."""
     if url == "local":
         state.set_setting("storage", None)
@@ -33,8 +38,11 @@ def set_storage(state: State, url: str, endpoint_url: str | None = None, region:
 
     if not url.startswith("s3://"):
         raise UsageError(f"unknown storage {url!r}", hint="use `local` or s3://bucket/prefix")
-    conf = {k: v for k, v in {"url": url, "endpoint_url": endpoint_url, "region": region,
-                              "profile": profile}.items() if v}
+    conf = {
+        k: v
+        for k, v in {"url": url, "endpoint_url": endpoint_url, "region": region, "profile": profile}.items()
+        if v
+    }
     from dstack.store.s3 import S3ObjectStore
 
     store = S3ObjectStore(url, endpoint_url=endpoint_url, region=region, profile=profile)
@@ -51,5 +59,7 @@ def check_bucket(store: Any) -> None:
         store.client.head_bucket(Bucket=store.bucket)
     except Exception as e:  # botocore's errors: no credentials, no bucket, no endpoint
         reason = getattr(e, "response", {}).get("Error", {}).get("Message") or str(e).splitlines()[0]
-        raise StorageError(f"can't reach bucket '{store.bucket}': {reason}",
-                           hint="check the name, --endpoint-url/--region and your AWS credentials") from None
+        raise StorageError(
+            f"can't reach bucket '{store.bucket}': {reason}",
+            hint="check the name, --endpoint-url/--region and your AWS credentials",
+        ) from None

@@ -16,14 +16,43 @@ def publish_tag(state: State, store: ObjectStore, tag: Tag) -> None:
     run = state.run(tag.run_id)
     jobs = [j for j in state.jobs(run.id) if j.status in ("done", "reused") and j.manifest]
     record = {
-        "name": tag.name, "created_at": tag.created_at,
-        "run": {k: getattr(run, k) for k in ("id", "name", "workflow", "project_root", "repo_root",
-                                             "working_subdir", "remote_url", "branch", "commit_sha", "diff",
-                                             "untracked", "code_manifest", "variables", "args",
-                                             "created_at", "finished_at")},
-        "jobs": [{"id": j.id, "workflow": j.workflow, "key": j.key, "manifest": j.manifest,
-                  "spec": j.spec, "runner": j.runner, "created_at": j.created_at,
-                  "started_at": j.started_at, "finished_at": j.finished_at} for j in jobs],
+        "name": tag.name,
+        "created_at": tag.created_at,
+        "run": {
+            k: getattr(run, k)
+            for k in (
+                "id",
+                "name",
+                "workflow",
+                "project_root",
+                "repo_root",
+                "working_subdir",
+                "remote_url",
+                "branch",
+                "commit_sha",
+                "diff",
+                "untracked",
+                "code_manifest",
+                "variables",
+                "args",
+                "created_at",
+                "finished_at",
+            )
+        },
+        "jobs": [
+            {
+                "id": j.id,
+                "workflow": j.workflow,
+                "key": j.key,
+                "manifest": j.manifest,
+                "spec": j.spec,
+                "runner": j.runner,
+                "created_at": j.created_at,
+                "started_at": j.started_at,
+                "finished_at": j.finished_at,
+            }
+            for j in jobs
+        ],
     }
     store.put_meta(f"tags/{tag.name}", json.dumps(record).encode())
 
@@ -43,20 +72,51 @@ def import_tag(state: State, store: ObjectStore, name: str) -> bool:
     r = record["run"]
     if state.db.execute("SELECT 1 FROM runs WHERE id = ?", (r["id"],)).fetchone() is None:
         name_taken = state.db.execute("SELECT 1 FROM runs WHERE name = ?", (r["name"],)).fetchone()
-        run = Run(**r, status="done", sweep=None, reproduce_of=None, host_pin=None, force=False, keep=False,
-                  orchestrator_pid=None, orchestrator_start=None, reason=f"shared tag {name}")
+        run = Run(
+            **r,
+            status="done",
+            sweep=None,
+            reproduce_of=None,
+            host_pin=None,
+            force=False,
+            keep=False,
+            orchestrator_pid=None,
+            orchestrator_start=None,
+            reason=f"shared tag {name}",
+        )
         if name_taken:
             run.name = f"{run.name}-{run.id[:6]}"
-        jobs = [Job(id=j["id"], run_id=run.id, workflow=j["workflow"], status="done", spec=j["spec"],
-                    key=j["key"], upstream=[], reused_from=None, runner=j["runner"], reserved=None, attempt=1,
-                    exit_code=0, reason=None, manifest=j["manifest"], log_path=None,
-                    created_at=j["created_at"], started_at=j["started_at"], finished_at=j["finished_at"])
-                for j in record["jobs"]]
+        jobs = [
+            Job(
+                id=j["id"],
+                run_id=run.id,
+                workflow=j["workflow"],
+                status="done",
+                spec=j["spec"],
+                key=j["key"],
+                upstream=[],
+                reused_from=None,
+                runner=j["runner"],
+                reserved=None,
+                attempt=1,
+                exit_code=0,
+                reason=None,
+                manifest=j["manifest"],
+                log_path=None,
+                created_at=j["created_at"],
+                started_at=j["started_at"],
+                finished_at=j["finished_at"],
+            )
+            for j in record["jobs"]
+        ]
         state.insert_run(run, jobs)
         for job in jobs:
             manifest = store.get_manifest(job.manifest or "")
-            state.save_artifact_rows(job.id, [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest)
-                                              for e in manifest.entries], job.manifest or "")
+            state.save_artifact_rows(
+                job.id,
+                [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries],
+                job.manifest or "",
+            )
     state.add_tag(name, r["id"], replace=True)
     return True
 

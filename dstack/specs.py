@@ -99,6 +99,15 @@ class JobSpec(_Model):
     def key_material(self) -> dict[str, object]:
         """The parts of the spec that decide the job's output (not the runner or resources)."""
         return self.model_dump(
-            include={"provider", "image", "entrypoint", "commands", "working_dir", "env",
-                     "artifacts", "python", "variables"}
+            include={
+                "provider",
+                "image",
+                "entrypoint",
+                "commands",
+                "working_dir",
+                "env",
+                "artifacts",
+                "python",
+                "variables",
+            }
         )

@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from dstack.store.state import State, Tag
 
 
-def add_tag(state: State, name: str, run_ref: str | None = None, from_path: Path | None = None,
-            force: bool = False) -> Tag:
+def add_tag(
+    state: State, name: str, run_ref: str | None = None, from_path: Path | None = None, force: bool = False
+) -> Tag:
     """Tag a finished run, or make a run holding `from_path`'s files and tag it."""
     from dstack.store.state import Job, Run
 
@@ -33,21 +34,61 @@ def add_tag(state: State, name: str, run_ref: str | None = None, from_path: Path
         job_id = f"tag-{name}-{uuid.uuid4().hex[:6]}"
         manifest_name = f"jobs/{job_id}/attempt-1"
         store.put_manifest(manifest_name, manifest)
-        run = Run(id=run_id, name=f"upload-{name}-{run_id[:6]}", workflow=name, status="done",
-                  project_root=str(from_path.resolve().parent), repo_root=str(from_path.resolve().parent),
-                  working_subdir=".", remote_url=None, branch=None, commit_sha=None, diff=None, untracked=[],
-                  code_manifest=None, variables={}, args=[], sweep=None, reproduce_of=None, host_pin=None,
-                  force=False, keep=False, orchestrator_pid=None, orchestrator_start=None,
-                  reason=f"files from {from_path}", created_at=now, finished_at=now)
-        job = Job(id=job_id, run_id=run_id, workflow=name, status="done", spec={"workflow": name}, key=None,
-                  upstream=[], reused_from=None, runner=None, reserved=None, attempt=1, exit_code=0,
-                  reason=None, manifest=manifest_name, log_path=None, created_at=now, started_at=now,
-                  finished_at=now)
+        run = Run(
+            id=run_id,
+            name=f"upload-{name}-{run_id[:6]}",
+            workflow=name,
+            status="done",
+            project_root=str(from_path.resolve().parent),
+            repo_root=str(from_path.resolve().parent),
+            working_subdir=".",
+            remote_url=None,
+            branch=None,
+            commit_sha=None,
+            diff=None,
+            untracked=[],
+            code_manifest=None,
+            variables={},
+            args=[],
+            sweep=None,
+            reproduce_of=None,
+            host_pin=None,
+            force=False,
+            keep=False,
+            orchestrator_pid=None,
+            orchestrator_start=None,
+            reason=f"files from {from_path}",
+            created_at=now,
+            finished_at=now,
+        )
+        job = Job(
+            id=job_id,
+            run_id=run_id,
+            workflow=name,
+            status="done",
+            spec={"workflow": name},
+            key=None,
+            upstream=[],
+            reused_from=None,
+            runner=None,
+            reserved=None,
+            attempt=1,
+            exit_code=0,
+            reason=None,
+            manifest=manifest_name,
+            log_path=None,
+            created_at=now,
+            started_at=now,
+            finished_at=now,
+        )
         from dstack.store.state import ArtifactRow
 
         state.insert_run(run, [job])
-        state.save_artifact_rows(job_id, [ArtifactRow(job_id, e.path, e.size, e.mode, e.digest)
-                                          for e in manifest.entries], manifest_name)
+        state.save_artifact_rows(
+            job_id,
+            [ArtifactRow(job_id, e.path, e.size, e.mode, e.digest) for e in manifest.entries],
+            manifest_name,
+        )
         run_ref = run.id
     if run_ref is None:
         raise UsageError("give a run to tag, or --from PATH")

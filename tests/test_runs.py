@@ -246,7 +246,9 @@ def test_state_file_is_private(make_repo):
 
 def test_real_time_artifacts_outlive_a_killed_job(make_repo, monkeypatch, tmp_path):
     monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "0.2")
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: train
     commands:
@@ -256,7 +258,9 @@ workflows:
     artifacts:
       - path: ckpt
         real-time: true
-"""})
+"""
+        }
+    )
     dstack("run", "train", "-d", cwd=repo)
     name = runs_json(repo)[0]["name"]
     deadline = time.time() + 20
@@ -277,7 +281,9 @@ workflows:
 
 
 def test_cycle_is_an_error_naming_it(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: a
     depends-on: [b]
@@ -285,7 +291,9 @@ workflows:
   - name: b
     depends-on: [a]
     commands: [echo b]
-"""})
+"""
+        }
+    )
     res = dstack("run", "a", cwd=repo, check=False)
     assert res.code == 2
     assert "cycle: a → b → a" in res.err
@@ -293,7 +301,9 @@ workflows:
 
 
 def test_unknown_dependency_or_tag_is_an_error(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: a
     depends-on: [nope]
@@ -303,7 +313,9 @@ workflows:
     commands: [echo b]
   - name: c
     commands: [echo c]
-"""})
+"""
+        }
+    )
     res = dstack("run", "a", cwd=repo, check=False)
     assert res.code == 2 and "'nope'" in res.err
     res = dstack("run", "b", cwd=repo, check=False)
@@ -326,13 +338,26 @@ def test_two_runs_at_once(make_repo):
     import subprocess
     import sys
 
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: a
     commands: ["sleep 0.5", "echo one-$x"]
-""", ".dstack/variables.yaml": "variables:\n  a:\n    x: 0\n"})
-    procs = [subprocess.Popen([sys.executable, "-m", "dstack", "run", "a", "--x", str(i)], cwd=repo,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+""",
+            ".dstack/variables.yaml": "variables:\n  a:\n    x: 0\n",
+        }
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dstack", "run", "a", "--x", str(i)],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert sorted(o[0].strip() for o in outs) == ["one-0", "one-1", "one-2"]

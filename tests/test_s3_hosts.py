@@ -233,7 +233,7 @@ def wait_exit(runner: SSHRunner, job_id: str, timeout: float = 30) -> None:
 MAKE_OUTPUTS = [
     "python3 train.py",
     "mkdir -p out && head -c 3000000 /dev/urandom > out/model.bin && echo small > out/note.txt",
-    "ln -s note.txt out/latest && chmod 755 out/note.txt",
+    "ln -s note.txt out/latest && chmod 755 out/note.txt && touch out/empty",
 ]
 
 
@@ -245,7 +245,14 @@ def test_host_fetches_inputs_and_uploads_artifacts_itself(
     proxies: list[CountingProxy],
 ) -> None:
     one, proxy_one = runner_via_proxy(state, hashing_host(sshd_factory), "one", tmp_path / "r1", proxies)
-    ctx = make_ctx(tmp_path, "job1", MAKE_OUTPUTS, store, artifacts=["out", "never"])
+    absolute = f"{tmp_path}/abs.txt"
+    ctx = make_ctx(
+        tmp_path,
+        "job1",
+        [*MAKE_OUTPUTS, f"echo abs > {absolute}"],
+        store,
+        artifacts=["out", absolute, "never"],
+    )
     before = proxy_one.bytes
     one.start_job(ctx)
     ship = one.last_ship
@@ -260,17 +267,18 @@ def test_host_fetches_inputs_and_uploads_artifacts_itself(
     assert missing == ["never"]
     result = one.last_collect
     assert result is not None and (result.path, result.hasher) == ("s3", "python-blake3")
-    assert (result.files, result.objects_put, result.objects_over_ssh) == (3, 3, 0)
+    assert (result.files, result.objects_put, result.objects_over_ssh) == (5, 5, 0)
     assert result.bytes_put >= 3 * MB
     # code in, 3 MB out: SSH carried only lists, scripts and the log
     assert proxy_one.bytes - before < MB, proxy_one.bytes - before
     by_path = {e.path: e for e in manifest.entries}
-    assert set(by_path) == {"out/model.bin", "out/note.txt", "out/latest"}
+    assert set(by_path) == {"out/model.bin", "out/note.txt", "out/latest", "out/empty", absolute.lstrip("/")}
     assert by_path["out/latest"].is_symlink and by_path["out/note.txt"].mode == 0o100755
     # a fresh store (no cache, another client) reads them back with BLAKE3 checked: keys match content
     fresh = S3ObjectStore(store.url, endpoint_url=store.endpoint_url, region="us-east-1")
     assert fresh.get_bytes(by_path["out/note.txt"].digest) == b"small\n"
     assert fresh.get_bytes(by_path["out/latest"].digest) == b"note.txt"
+    assert fresh.get_bytes(by_path["out/empty"].digest) == b""
     out = tmp_path / "model.bin"
     fresh.get_file(by_path["out/model.bin"].digest, out)
     assert out.stat().st_size == 3 * MB
@@ -284,7 +292,7 @@ def test_host_fetches_inputs_and_uploads_artifacts_itself(
     before = proxy_two.bytes
     two.start_job(ctx2)
     assert two.last_ship is not None and two.last_ship.objects_sent == 0
-    assert two.last_ship.objects_fetched == 5 and two.last_ship.bytes_fetched >= 5 * MB
+    assert two.last_ship.objects_fetched == 7 and two.last_ship.bytes_fetched >= 5 * MB
     wait_exit(two, "job2")
     assert two.read_log("job2", 0).decode().splitlines()[-2:] == ["small", "3000000"]
     assert proxy_two.bytes - before < MB
@@ -334,7 +342,7 @@ def test_host_with_b3sum_uploads_itself(
     before = proxy.bytes
     manifest, _ = runner.collect_artifacts("job1", ctx.spec, store)
     result = runner.last_collect
-    assert result is not None and (result.path, result.hasher, result.objects_put) == ("s3", "b3sum", 3)
+    assert result is not None and (result.path, result.hasher, result.objects_put) == ("s3", "b3sum", 4)
     assert proxy.bytes - before < MB
     fresh = S3ObjectStore(store.url, endpoint_url=store.endpoint_url, region="us-east-1")
     for entry in manifest.entries:
@@ -361,13 +369,34 @@ def test_host_that_cannot_reach_the_bucket_uses_ssh_both_ways(
     assert "can't reach the bucket" in first
     manifest, _ = runner.collect_artifacts("job1", ctx.spec, store)
     result = runner.last_collect
-    assert result is not None and result.objects_put == 0 and result.objects_over_ssh == 3
+    assert result is not None and result.objects_put == 0 and result.objects_over_ssh == 4
     assert "can't reach the bucket" in result.reason
     for entry in manifest.entries:  # brought over SSH from the host's cache, digests checked here
         assert store.has(entry.digest)
     # the next job doesn't try the bucket again
     runner.start_job(make_ctx(tmp_path, "job2", ["true"], store))
     assert "can't reach the bucket" in (runner._no_fetch or "")
+
+
+def test_a_corrupt_object_in_the_bucket_never_enters_the_host_cache(
+    state: State,
+    store: S3ObjectStore,
+    sshd_factory: SSHDFactory,
+    tmp_path: Path,
+    proxies: list[CountingProxy],
+) -> None:
+    from dstack.errors import ArtifactError
+
+    runner, _ = runner_via_proxy(state, hashing_host(sshd_factory), "one", tmp_path / "r", proxies)
+    ctx = make_ctx(tmp_path, "job1", ["true"], store)
+    entry = next(e for e in ctx.code.entries if e.path.endswith("train.py"))
+    body = b"print('evil')\n"[: entry.size].ljust(entry.size, b"#")  # same size: only BLAKE3 tells
+    store.client.put_object(Bucket=store.bucket, Key=store.object_key(entry.digest), Body=body)
+    with pytest.raises(ArtifactError, match=f"object {entry.digest} is corrupt"):
+        runner.start_job(ctx)  # the host refused it; over SSH the CLI refuses it too
+    objects = tmp_path / "r" / "objects"
+    assert not (objects / entry.digest).exists()
+    assert not [p for p in objects.iterdir() if p.name.startswith(".")]  # no part files left
 
 
 def test_presigned_put_refuses_other_content_and_overwrites(store: S3ObjectStore, tmp_path: Path) -> None:
@@ -418,7 +447,7 @@ def test_pipeline_on_hosts_with_an_s3_store(
     sshd_factory: SSHDFactory,
     tmp_path: Path,
     proxies: list[CountingProxy],
-    s3_env: None,  # noqa: F811
+    s3_env: None,
 ) -> None:
     url = s3_server.new_url()
     repo = make_repo({".dstack/workflows.yaml": PIPELINE})

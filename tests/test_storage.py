@@ -23,8 +23,17 @@ workflows:
 
 def configure(url: str, server: S3Server, cwd: Path, home: Path | None = None) -> None:
     env = {"DSTACK_HOME": str(home)} if home else None
-    dstack("config", "storage", url, "--endpoint-url", server.endpoint_url, "--region", "us-east-1",
-           cwd=cwd, env=env)
+    dstack(
+        "config",
+        "storage",
+        url,
+        "--endpoint-url",
+        server.endpoint_url,
+        "--region",
+        "us-east-1",
+        cwd=cwd,
+        env=env,
+    )
 
 
 def test_pipeline_artifacts_and_tags_shared_through_a_bucket(make_repo, s3_server, tmp_path):
@@ -37,8 +46,12 @@ def test_pipeline_artifacts_and_tags_shared_through_a_bucket(make_repo, s3_serve
     dstack("run", "prepare", cwd=repo)
     run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
     dstack("tags", "add", "shared", run, cwd=repo)
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(
-        Bucket=s3_server.bucket, Prefix=url.split("/", 3)[3])["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=url.split("/", 3)[3])[
+            "Contents"
+        ]
+    ]
     assert any("/objects/" in k for k in keys) and any("/meta/tags/shared" in k for k in keys)
 
     # A colleague: another checkout, another DSTACK_HOME, the same bucket.
@@ -66,8 +79,11 @@ def test_corrupted_object_is_an_error_naming_the_file(make_repo, s3_server, tmp_
     digest = next(a["digest"] for a in listing if a["name"] == "data/set.yaml")
     prefix = url.split("/", 3)[3]
     client = s3_server.client()
-    key = next(o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)["Contents"]
-               if o["Key"].endswith(digest))
+    key = next(
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)["Contents"]
+        if o["Key"].endswith(digest)
+    )
     client.put_object(Bucket=s3_server.bucket, Key=key, Body=b"tampered")
     res = dstack("artifacts", "download", run, "-o", str(tmp_path / "out"), cwd=repo, check=False)
     assert res.code != 0
@@ -77,8 +93,15 @@ def test_corrupted_object_is_an_error_naming_the_file(make_repo, s3_server, tmp_
 
 def test_unreachable_bucket_is_one_line(make_repo, s3_server):
     repo = make_repo({".dstack/workflows.yaml": PIPELINE})
-    res = dstack("config", "storage", "s3://no-such-bucket-here/x", "--endpoint-url", s3_server.endpoint_url,
-                 cwd=repo, check=False)
+    res = dstack(
+        "config",
+        "storage",
+        "s3://no-such-bucket-here/x",
+        "--endpoint-url",
+        s3_server.endpoint_url,
+        cwd=repo,
+        check=False,
+    )
     assert res.code != 0
     assert "no-such-bucket-here" in res.err and len(res.err.strip().splitlines()) == 1
 

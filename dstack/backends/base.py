@@ -93,8 +93,9 @@ class Runner(ABC):
         """End the job's whole process tree."""
 
     @abstractmethod
-    def collect_artifacts(self, job_id: str, spec: JobSpec, store: ObjectStore,
-                          working_subdir: str = ".") -> tuple[Manifest, list[str]]:
+    def collect_artifacts(
+        self, job_id: str, spec: JobSpec, store: ObjectStore, working_subdir: str = "."
+    ) -> tuple[Manifest, list[str]]:
         """Save the job's declared artifacts (relative to work/<working_subdir>/<spec.working_dir>) into the
         store; return the manifest and the declared paths that were missing."""
 

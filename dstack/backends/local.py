@@ -26,7 +26,11 @@ def local_gpus() -> list[GpuInfo]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True).stdout
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
     gpus = []
@@ -102,11 +106,15 @@ class LocalRunner(Runner):
 
         disk = shutil.disk_usage(self.root)
         return Capacity(
-            cpus=float(os.cpu_count() or 1), memory_mib=local_memory_mib(), gpus=local_gpus(),
+            cpus=float(os.cpu_count() or 1),
+            memory_mib=local_memory_mib(),
+            gpus=local_gpus(),
             disk_free_mib=disk.free // (1024 * 1024),
             docker=docker_answers(),
-            os=f"{platform.system()} {platform.release()}", python=platform.python_version(),
-            rsync=bool(shutil.which("rsync")))
+            os=f"{platform.system()} {platform.release()}",
+            python=platform.python_version(),
+            rsync=bool(shutil.which("rsync")),
+        )
 
     def start_job(self, ctx: JobContext) -> None:
         from dstack.artifacts import restore_artifacts
@@ -132,8 +140,14 @@ class LocalRunner(Runner):
         (jd / "job.sh").write_text(render_job(ctx, str(jd), str(self.venvs), requirements_digest(ctx)))
         (jd / "run.sh").write_text(RUN_SH)
         self._procs[ctx.job_id] = subprocess.Popen(
-            ["bash", str(jd / "run.sh")], cwd=jd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            ["bash", str(jd / "run.sh")],
+            cwd=jd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
         # the wrapper writes its pid at once; wait briefly so poll_job never sees a job with no pid
         deadline = time.monotonic() + 5
         while not (jd / "pid").exists() and time.monotonic() < deadline:
@@ -175,8 +189,9 @@ class LocalRunner(Runner):
             return
         stop_process_group(pid)
 
-    def collect_artifacts(self, job_id: str, spec: JobSpec, store: ObjectStore,
-                          working_subdir: str = ".") -> tuple[Manifest, list[str]]:
+    def collect_artifacts(
+        self, job_id: str, spec: JobSpec, store: ObjectStore, working_subdir: str = "."
+    ) -> tuple[Manifest, list[str]]:
         from dstack.artifacts import save_artifacts
 
         base = self.job_dir(job_id) / "work" / working_subdir / spec.working_dir

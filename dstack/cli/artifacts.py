@@ -23,15 +23,21 @@ def list_(
         run_ = state.run(run)
         items = list_artifacts(state, run_)
     if as_json:
-        ui.print_json([{"name": a.path, "workflow": a.workflow, "job": a.job_id, "size": a.size,
-                        "digest": a.digest} for a in items])
+        ui.print_json(
+            [
+                {"name": a.path, "workflow": a.workflow, "job": a.job_id, "size": a.size, "digest": a.digest}
+                for a in items
+            ]
+        )
         return
     if not items:
         ui.info(f"Run {run_.name} has no artifacts.")
         return
-    ui.table(["Workflow", "Path", "Size", "Digest"],
-             [[a.workflow, a.path, ui.size(a.size), a.digest[:12]] for a in items],
-             title=f"Artifacts of {run_.name}")
+    ui.table(
+        ["Workflow", "Path", "Size", "Digest"],
+        [[a.workflow, a.path, ui.size(a.size), a.digest[:12]] for a in items],
+        title=f"Artifacts of {run_.name}",
+    )
 
 
 @app.command("download")
@@ -49,12 +55,20 @@ def download(
 
     with open_state() as state:
         run_ = state.run(run)
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=ui.err_console(), transient=True) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=ui.err_console(),
+            transient=True,
+        ) as progress:
             task = progress.add_task(f"Downloading {run_.name}", total=None)
 
             def on_progress(p: object) -> None:
-                progress.update(task, completed=getattr(p, "done_bytes", 0), total=getattr(p, "total_bytes", 0))
+                progress.update(
+                    task, completed=getattr(p, "done_bytes", 0), total=getattr(p, "total_bytes", 0)
+                )
 
             files = download_artifacts(state, run_, output, path, on_progress=on_progress)
     ui.info(f"Downloaded {len(files)} file(s) of {run_.name} to {output}")

@@ -34,7 +34,9 @@ def storage(
     url: str = typer.Argument(..., help="`local`, or s3://bucket/prefix"),
     endpoint_url: str = typer.Option(None, "--endpoint-url", help="An S3-compatible server's URL."),
     region: str = typer.Option(None, "--region", help="The bucket's region."),
-    profile: str = typer.Option(None, "--profile", help="An AWS profile from ~/.aws (credentials stay there)."),
+    profile: str = typer.Option(
+        None, "--profile", help="An AWS profile from ~/.aws (credentials stay there)."
+    ),
 ) -> None:
     """Store artifacts locally (the default) or in an S3 bucket (credentials from boto3's usual chain)."""
     from dstack.cli import ui

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Runners: this machine (`local`), your hosts over SSH, and EC2 instances dstack launched.",
-                  invoke_without_command=True)
+app = typer.Typer(
+    help="Runners: this machine (`local`), your hosts over SSH, and EC2 instances dstack launched.",
+    invoke_without_command=True,
+)
 
 
 @app.callback()
@@ -36,14 +38,23 @@ def hosts(
 
                 cloud_info[h.name] = describe(state, h)
     if as_json:
-        ui.print_json([{**h.to_json(), "jobs": busy.get(h.name, []), **({"cloud": cloud_info[h.name]}
-                                                                       if h.name in cloud_info else {})}
-                       for h in items])
+        ui.print_json(
+            [
+                {
+                    **h.to_json(),
+                    "jobs": busy.get(h.name, []),
+                    **({"cloud": cloud_info[h.name]} if h.name in cloud_info else {}),
+                }
+                for h in items
+            ]
+        )
         return
     rows = []
     for h in items:
         cap = h.capacity
-        gpus = ", ".join(f"{g.name} ({g.memory_mib // 1024} GB)" for g in cap.gpus) if cap and cap.gpus else ""
+        gpus = (
+            ", ".join(f"{g.name} ({g.memory_mib // 1024} GB)" for g in cap.gpus) if cap and cap.gpus else ""
+        )
         where = h.address or h.hostname or ""
         if h.name in cloud_info:
             c = cloud_info[h.name]
@@ -51,11 +62,21 @@ def hosts(
             if c.get("idle_s") is not None:
                 where += f", idle {int(c['idle_s'])}s"
         status = h.status if h.enabled else "disabled"
-        rows.append([h.name, h.kind, where, f"{cap.cpus:g}" if cap else "", ui.size((cap.memory_mib if cap else 0)
-                     * 1024 * 1024) if cap else "", gpus, "yes" if cap and cap.docker else "",
-                     ui.status(status) if status == "ready" else ui.status("failed" if status == "unreachable"
-                                                                           else status),
-                     ", ".join(busy.get(h.name, [])) or (h.last_error or "")])
+        rows.append(
+            [
+                h.name,
+                h.kind,
+                where,
+                f"{cap.cpus:g}" if cap else "",
+                ui.size((cap.memory_mib if cap else 0) * 1024 * 1024) if cap else "",
+                gpus,
+                "yes" if cap and cap.docker else "",
+                ui.status(status)
+                if status == "ready"
+                else ui.status("failed" if status == "unreachable" else status),
+                ", ".join(busy.get(h.name, [])) or (h.last_error or ""),
+            ]
+        )
     ui.table(["Host", "Kind", "Address", "CPUs", "Memory", "GPUs", "Docker", "Status", "Jobs"], rows)
 
 
@@ -67,13 +88,33 @@ def _cloud(as_json: bool) -> None:
     with open_state() as state:
         entries = list_cloud(state)
     if as_json:
-        ui.print_json([{"name": e.resource.id, "kind": e.resource.kind, "region": e.resource.region,
-                        "known": e.known, "mine": e.mine, "state": getattr(e.resource, "state", None)}
-                       for e in entries])
+        ui.print_json(
+            [
+                {
+                    "name": e.resource.id,
+                    "kind": e.resource.kind,
+                    "region": e.resource.region,
+                    "known": e.known,
+                    "mine": e.mine,
+                    "state": getattr(e.resource, "state", None),
+                }
+                for e in entries
+            ]
+        )
         return
-    ui.table(["Resource", "Kind", "Region", "State", "Known to dstack"],
-             [[e.resource.id, e.resource.kind, e.resource.region, getattr(e.resource, "state", ""),
-               "yes" if e.known else "no"] for e in entries])
+    ui.table(
+        ["Resource", "Kind", "Region", "State", "Known to dstack"],
+        [
+            [
+                e.resource.id,
+                e.resource.kind,
+                e.resource.region,
+                getattr(e.resource, "state", ""),
+                "yes" if e.known else "no",
+            ]
+            for e in entries
+        ],
+    )
 
 
 @app.command("add")
@@ -104,9 +145,13 @@ def add(
         host = add_host(state.db, address, name=name, identity=identity, accept=accept, proxy_jump=proxy_jump)
     cap = host.capacity
     gpus = f", {len(cap.gpus)} GPU(s)" if cap and cap.gpus else ""
-    ui.info(f"Added host [bold]{host.name}[/bold] ({host.user}@{host.hostname}:{host.port}): "
-            f"{cap.cpus:g} CPUs, {ui.size(cap.memory_mib * 1024 * 1024)} memory{gpus}"
-            + (", Docker" if cap.docker else "") if cap else f"Added host {host.name}.")
+    ui.info(
+        f"Added host [bold]{host.name}[/bold] ({host.user}@{host.hostname}:{host.port}): "
+        f"{cap.cpus:g} CPUs, {ui.size(cap.memory_mib * 1024 * 1024)} memory{gpus}"
+        + (", Docker" if cap.docker else "")
+        if cap
+        else f"Added host {host.name}."
+    )
 
 
 @app.command("check")

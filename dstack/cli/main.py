@@ -17,7 +17,9 @@ from dstack.cli import tags as tags_cli
 
 app = typer.Typer(
     help="Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 DEBUG = {"on": bool(os.environ.get("DSTACK_DEBUG"))}
@@ -34,8 +36,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs."""
     if debug:

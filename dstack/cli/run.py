@@ -14,7 +14,9 @@ Variables of the workflow are passed as `--name value`; other arguments reach th
 
 def register(app: typer.Typer) -> None:
     app.command(
-        "run", help=RUN_HELP, add_help_option=False,
+        "run",
+        help=RUN_HELP,
+        add_help_option=False,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(run)
 
@@ -26,10 +28,15 @@ def run(
     host: str = typer.Option(None, "--host", help="Run every job of the run on this runner."),
     force: bool = typer.Option(False, "--force", help="Never reuse earlier jobs."),
     keep: bool = typer.Option(False, "--keep", help="Keep the jobs' working directories."),
-    reproduce: str = typer.Option(None, "--reproduce", metavar="RUN",
-                                  help="Run a past run again with its exact repo state and variables."),
-    real_time: bool = typer.Option(False, "--real-time-artifacts",
-                                   help="Save every artifact while the job runs, not only at its end."),
+    reproduce: str = typer.Option(
+        None,
+        "--reproduce",
+        metavar="RUN",
+        help="Run a past run again with its exact repo state and variables.",
+    ),
+    real_time: bool = typer.Option(
+        False, "--real-time-artifacts", help="Save every artifact while the job runs, not only at its end."
+    ),
     show_help: bool = typer.Option(False, "-h", "--help", help="Show workflows or a workflow's variables."),
 ) -> None:
     from dstack.cli import ui
@@ -41,8 +48,8 @@ def run(
     import sys
 
     if "--" in sys.argv[1:]:  # click swallows `--`: what follows it are the run's own arguments
-        after = sys.argv[sys.argv.index("--") + 1:]
-        if after and extra[-len(after):] == after:
+        after = sys.argv[sys.argv.index("--") + 1 :]
+        if after and extra[-len(after) :] == after:
             extra = [*extra[: len(extra) - len(after)], "--", *after]
     overrides, args = parse_variables(extra)
     from dstack.runs import RunRequest, create_run, start_orchestrator
@@ -52,26 +59,43 @@ def run(
     if reproduce and workflow:
         args = [workflow, *args] if workflow else args
     grid = expand_grid(overrides)
-    request = RunRequest(workflow or "", Path.cwd(), grid[0] if len(grid) == 1 else overrides, args,
-                         host=host, force=force, keep=keep, grid=grid if len(grid) > 1 else None,
-                         reproduce=reproduce, real_time_artifacts=real_time)
+    request = RunRequest(
+        workflow or "",
+        Path.cwd(),
+        grid[0] if len(grid) == 1 else overrides,
+        args,
+        host=host,
+        force=force,
+        keep=keep,
+        grid=grid if len(grid) > 1 else None,
+        reproduce=reproduce,
+        real_time_artifacts=real_time,
+    )
     with open_state() as state:
         created = create_run(state, request)
         run_ = created.run
         if run_.sweep:
-            ui.info(f"Sweep [bold]{run_.name}[/bold]: {len(grid)} combinations; "
-                    f"`dstack runs --sweep {run_.name}` shows each one.")
+            ui.info(
+                f"Sweep [bold]{run_.name}[/bold]: {len(grid)} combinations; "
+                f"`dstack runs --sweep {run_.name}` shows each one."
+            )
         for notice in created.notices:
             ui.info(f"[yellow]Note:[/yellow] {notice}")
         reused = [j.workflow for j in created.jobs if j.status == "reused"]
-        ui.info(f"Run [bold]{run_.name}[/bold]: " + ", ".join(
-            f"{j.workflow} (reused)" if j.status == "reused" else j.workflow for j in created.jobs))
+        ui.info(
+            f"Run [bold]{run_.name}[/bold]: "
+            + ", ".join(
+                f"{j.workflow} (reused)" if j.status == "reused" else j.workflow for j in created.jobs
+            )
+        )
         if run_.status == "done":
             ui.info(f"All jobs reused ({', '.join(reused)}); nothing to run. `--force` runs them again.")
             return
         start_orchestrator(state, run_)
         if detach:
-            ui.info(f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`.")
+            ui.info(
+                f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`."
+            )
             return
         from dstack.cli.runs import follow
 
@@ -94,8 +118,11 @@ def _report_reproduction(state: object, run_id: str, original_id: str) -> None:
         if c.identical:
             ui.info(f"[green]identical[/green] {c.workflow}: artifacts match run {old.name} byte for byte")
         else:
-            ui.info(f"[yellow]different[/yellow] {c.workflow}: {', '.join(c.changed[:5])}"
-                    + (" …" if len(c.changed) > 5 else "") + f" differ from run {old.name}")
+            ui.info(
+                f"[yellow]different[/yellow] {c.workflow}: {', '.join(c.changed[:5])}"
+                + (" …" if len(c.changed) > 5 else "")
+                + f" differ from run {old.name}"
+            )
 
 
 def parse_variables(extra: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -108,7 +135,7 @@ def parse_variables(extra: list[str]) -> tuple[dict[str, str], list[str]]:
     while i < len(extra):
         token = extra[i]
         if token == "--":
-            args += extra[i + 1:]
+            args += extra[i + 1 :]
             break
         if token.startswith("--") and len(token) > 2:
             name, eq, value = token[2:].partition("=")
@@ -162,7 +189,10 @@ def _print_help(ctx: typer.Context, workflow: str | None) -> None:
         ui.out(f"{workflow}: {project.help(workflow)}")
     variables = project.variables(workflow)
     if variables:
-        ui.table(["Variable", "Default"], [[f"--{k}", v] for k, v in variables.items()],
-                 title=f"Variables of {workflow}")
+        ui.table(
+            ["Variable", "Default"],
+            [[f"--{k}", v] for k, v in variables.items()],
+            title=f"Variables of {workflow}",
+        )
     else:
         ui.out(f"Workflow {workflow} has no variables.")

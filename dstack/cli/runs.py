@@ -36,20 +36,44 @@ def runs(
             return
         items = state.runs(limit=None if all_ else limit)
         if as_json:
-            ui.print_json([
-                {"name": r.name, "id": r.id, "workflow": r.workflow, "status": r.status,
-                 "reason": r.reason, "commit": r.commit_sha, "branch": r.branch, "variables": r.variables,
-                 "sweep": r.sweep, "created_at": r.created_at, "finished_at": r.finished_at,
-                 "jobs": [{"name": j.workflow, "id": j.id, "status": j.status} for j in state.jobs(r.id)]}
-                for r in items])
+            ui.print_json(
+                [
+                    {
+                        "name": r.name,
+                        "id": r.id,
+                        "workflow": r.workflow,
+                        "status": r.status,
+                        "reason": r.reason,
+                        "commit": r.commit_sha,
+                        "branch": r.branch,
+                        "variables": r.variables,
+                        "sweep": r.sweep,
+                        "created_at": r.created_at,
+                        "finished_at": r.finished_at,
+                        "jobs": [
+                            {"name": j.workflow, "id": j.id, "status": j.status} for j in state.jobs(r.id)
+                        ],
+                    }
+                    for r in items
+                ]
+            )
             return
         rows = []
         for r in items:
             jobs_ = state.jobs(r.id)
             summary = ", ".join(f"{j.workflow} {j.status}" for j in jobs_ if j.status != r.status)
             variables = " ".join(f"{k}={v}" for k, v in r.variables.items())
-            rows.append([r.name, r.workflow, ui.status(r.status), variables, summary,
-                         ui.ago(r.created_at), ui.duration(r.created_at, r.finished_at)])
+            rows.append(
+                [
+                    r.name,
+                    r.workflow,
+                    ui.status(r.status),
+                    variables,
+                    summary,
+                    ui.ago(r.created_at),
+                    ui.duration(r.created_at, r.finished_at),
+                ]
+            )
         if not rows:
             ui.info("No runs yet. Try `dstack run WORKFLOW` in a repo with `.dstack/workflows.yaml`.")
             return
@@ -64,12 +88,32 @@ def _sweep_table(state: State, sweep: str, as_json: bool) -> None:
     swept = [k for k, v in run_.variables.items() if "," in v]
     items = [j for j in state.jobs(run_.id) if j.workflow == run_.workflow]
     if as_json:
-        ui.print_json([{"name": j.workflow, "id": j.id, "status": j.status, "reason": j.reason,
-                        "variables": j.spec.get("variables", {})} for j in items])
+        ui.print_json(
+            [
+                {
+                    "name": j.workflow,
+                    "id": j.id,
+                    "status": j.status,
+                    "reason": j.reason,
+                    "variables": j.spec.get("variables", {}),
+                }
+                for j in items
+            ]
+        )
         return
-    rows = [[*(str(j.spec.get("variables", {}).get(k, "")) for k in swept), ui.status(j.status),
-             j.runner or "", j.reason or "", ui.duration(j.started_at, j.finished_at)] for j in items]
-    ui.table([*swept, "Status", "Runner", "Reason", "Took"], rows, title=f"Sweep {run_.name} ({run_.workflow})")
+    rows = [
+        [
+            *(str(j.spec.get("variables", {}).get(k, "")) for k in swept),
+            ui.status(j.status),
+            j.runner or "",
+            j.reason or "",
+            ui.duration(j.started_at, j.finished_at),
+        ]
+        for j in items
+    ]
+    ui.table(
+        [*swept, "Status", "Runner", "Reason", "Took"], rows, title=f"Sweep {run_.name} ({run_.workflow})"
+    )
 
 
 def lineage(
@@ -94,8 +138,10 @@ def lineage(
         head = f"[bold]{node.workflow}[/bold] {ui.status(node.status)} (run {node.run}, job {node.job_id})"
         branch = tree.add(head)
         commit = (node.commit or "no commit")[:12]
-        branch.add(f"code: {commit} on {node.branch or '?'}, diff: {node.diff_summary}, "
-                   f"{node.untracked} untracked file(s)")
+        branch.add(
+            f"code: {commit} on {node.branch or '?'}, diff: {node.diff_summary}, "
+            f"{node.untracked} untracked file(s)"
+        )
         if variables:
             branch.add(f"variables: {variables}")
         where = f"runner: {node.runner or '-'}" + (f", image: {node.image}" if node.image else "")
@@ -134,14 +180,37 @@ def jobs(
         else:
             items = [j for r in state.runs(limit=10) for j in state.jobs(r.id)]
         if as_json:
-            ui.print_json([
-                {"name": j.workflow, "id": j.id, "run": j.run_name, "status": j.status, "reason": j.reason,
-                 "runner": j.runner, "exit_code": j.exit_code, "reused_from": j.reused_from, "key": j.key,
-                 "started_at": j.started_at, "finished_at": j.finished_at} for j in items])
+            ui.print_json(
+                [
+                    {
+                        "name": j.workflow,
+                        "id": j.id,
+                        "run": j.run_name,
+                        "status": j.status,
+                        "reason": j.reason,
+                        "runner": j.runner,
+                        "exit_code": j.exit_code,
+                        "reused_from": j.reused_from,
+                        "key": j.key,
+                        "started_at": j.started_at,
+                        "finished_at": j.finished_at,
+                    }
+                    for j in items
+                ]
+            )
             return
-        rows = [[j.id, j.run_name, j.workflow, ui.status(j.status), j.runner or "",
-                 j.reason or (f"reused {j.reused_from}" if j.reused_from else ""),
-                 ui.duration(j.started_at, j.finished_at)] for j in items]
+        rows = [
+            [
+                j.id,
+                j.run_name,
+                j.workflow,
+                ui.status(j.status),
+                j.runner or "",
+                j.reason or (f"reused {j.reused_from}" if j.reused_from else ""),
+                ui.duration(j.started_at, j.finished_at),
+            ]
+            for j in items
+        ]
         ui.table(["Job", "Run", "Workflow", "Status", "Runner", "Reason", "Took"], rows)
 
 
@@ -201,21 +270,27 @@ def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failur
                 if event.text.startswith(quiet):
                     continue
                 state_, _, why = event.text.partition(": ")
-                ui.info(f"[dim]{escape(labels.get(event.job_id, event.workflow))}:[/dim] "
-                        f"{ui.status_markup(state_)}" + (f": {escape(why)}" if why else ""))
+                ui.info(
+                    f"[dim]{escape(labels.get(event.job_id, event.workflow))}:[/dim] "
+                    f"{ui.status_markup(state_)}" + (f": {escape(why)}" if why else "")
+                )
             elif prefix:
                 ui.out(f"{labels.get(event.job_id, event.workflow).ljust(width)} | {event.text}")
             else:
                 ui.out(event.text)
     except KeyboardInterrupt:
         run_ = state.run(run_id)
-        ui.info(f"\nStopped following; run {run_.name} goes on. `dstack logs -f {run_.name}` re-attaches, "
-                f"`dstack stop {run_.name}` stops it.")
+        ui.info(
+            f"\nStopped following; run {run_.name} goes on. `dstack logs -f {run_.name}` re-attaches, "
+            f"`dstack stop {run_.name}` stops it."
+        )
         raise typer.Exit(130) from None
     run_ = state.run(run_id)
     if run_.status == "done":
         if follow_output:
-            ui.info(f"Run [bold]{run_.name}[/bold] [green]done[/green] in "
-                    f"{ui.duration(run_.created_at, run_.finished_at)}.")
+            ui.info(
+                f"Run [bold]{run_.name}[/bold] [green]done[/green] in "
+                f"{ui.duration(run_.created_at, run_.finished_at)}."
+            )
     elif run_.status in ("failed", "stopped") and exit_on_failure:
         raise RunError(f"run {run_.name} {run_.status}" + (f": {run_.reason}" if run_.reason else ""))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Name successful runs so workflows can depend on them (`prepare:latest`).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Name successful runs so workflows can depend on them (`prepare:latest`).", no_args_is_help=True
+)
 
 
 @app.command("add")
@@ -24,8 +25,10 @@ def add(
 
     with open_state() as state:
         tag = add_tag(state, name, run, from_path, force=force)
-    ui.info(f"Tagged {tag.run_name} as [bold]{tag.name}[/bold]; depend on it with `:{tag.name}` "
-            f"or `WORKFLOW:{tag.name}`.")
+    ui.info(
+        f"Tagged {tag.run_name} as [bold]{tag.name}[/bold]; depend on it with `:{tag.name}` "
+        f"or `WORKFLOW:{tag.name}`."
+    )
 
 
 @app.command("list")
@@ -38,14 +41,20 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     with open_state() as state:
         tags = list_tags(state)
     if as_json:
-        ui.print_json([{"name": t.name, "run": t.run_name, "workflows": t.workflows,
-                        "created_at": t.created_at} for t in tags])
+        ui.print_json(
+            [
+                {"name": t.name, "run": t.run_name, "workflows": t.workflows, "created_at": t.created_at}
+                for t in tags
+            ]
+        )
         return
     if not tags:
         ui.info("No tags yet: `dstack tags add NAME RUN`.")
         return
-    ui.table(["Tag", "Run", "Workflows", "Created"],
-             [[t.name, t.run_name, ", ".join(t.workflows), ui.ago(t.created_at)] for t in tags])
+    ui.table(
+        ["Tag", "Run", "Workflows", "Created"],
+        [[t.name, t.run_name, ", ".join(t.workflows), ui.ago(t.created_at)] for t in tags],
+    )
 
 
 @app.command("delete")

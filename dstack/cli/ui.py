@@ -67,8 +67,16 @@ def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -
 
 
 STATUS_STYLE = {
-    "done": "green", "reused": "cyan", "running": "yellow", "starting": "yellow", "pending": "dim",
-    "waiting": "magenta", "failed": "red", "stopped": "red", "cancelled": "dim", "stopping": "yellow",
+    "done": "green",
+    "reused": "cyan",
+    "running": "yellow",
+    "starting": "yellow",
+    "pending": "dim",
+    "waiting": "magenta",
+    "failed": "red",
+    "stopped": "red",
+    "cancelled": "dim",
+    "stopping": "yellow",
 }
 
 

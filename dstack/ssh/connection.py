@@ -250,7 +250,8 @@ class Connection:
             with self._open_lock:
                 if self._client is None:
                     self.open()
-        transport = self._client.get_transport()
+        client = self._client
+        transport = client.get_transport() if client is not None else None
         if transport is None or not transport.is_active():
             raise HostError(f"{self.name}: connection to {self.target.describe()} was lost")
         return transport

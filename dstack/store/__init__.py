@@ -11,14 +11,18 @@ if TYPE_CHECKING:
 
 
 def open_object_store(state: State, default: dict[str, str] | None = None) -> ObjectStore:
-    """The configured artifact store: `dstack config storage`, else the repo's `.dstack/config.yaml`, else local."""
+    """The artifact store: `dstack config storage`, else the repo's `.dstack/config.yaml`, else local."""
     raw = state.setting("storage")
     conf: dict[str, str] = json.loads(raw) if raw else dict(default or {})
     if conf.get("url", "").startswith("s3://"):
         from dstack.store.s3 import S3ObjectStore
 
-        return S3ObjectStore(conf["url"], endpoint_url=conf.get("endpoint_url"), region=conf.get("region"),
-                             profile=conf.get("profile"))
+        return S3ObjectStore(
+            conf["url"],
+            endpoint_url=conf.get("endpoint_url"),
+            region=conf.get("region"),
+            profile=conf.get("profile"),
+        )
     from dstack.home import sub
     from dstack.store.objects import LocalObjectStore
 

@@ -245,8 +245,13 @@ class State:
             raise NotFoundError(f"no run named '{ref}' — see `dstack runs` for the names")
         return Run.from_row(row)
 
-    def runs(self, limit: int | None = None, workflow: str | None = None, sweep: str | None = None,
-             active_only: bool = False) -> list[Run]:
+    def runs(
+        self,
+        limit: int | None = None,
+        workflow: str | None = None,
+        sweep: str | None = None,
+        active_only: bool = False,
+    ) -> list[Run]:
         sql, params = "SELECT * FROM runs WHERE 1=1", []  # type: tuple[str, list[Any]]
         if workflow:
             sql += " AND workflow = ?"
@@ -265,15 +270,16 @@ class State:
         sets = ",".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
 
-    def claim_orchestrator(self, run_id: str, pid: int, start: str | None,
-                           expect_pid: int | None) -> bool:
+    def claim_orchestrator(self, run_id: str, pid: int, start: str | None, expect_pid: int | None) -> bool:
         """Become the run's orchestrator if it has none (or the one we expect is gone)."""
         with self.transaction() as db:
             row = db.execute("SELECT orchestrator_pid FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[0] not in (None, expect_pid):
                 return False
-            db.execute("UPDATE runs SET orchestrator_pid = ?, orchestrator_start = ? WHERE id = ?",
-                       (pid, start, run_id))
+            db.execute(
+                "UPDATE runs SET orchestrator_pid = ?, orchestrator_start = ? WHERE id = ?",
+                (pid, start, run_id),
+            )
             return True
 
     # -- jobs ---------------------------------------------------------------------------------------
@@ -292,7 +298,9 @@ class State:
     def job(self, job_id: str) -> Job:
         row = self.db.execute(
             "SELECT jobs.*, runs.name AS run_name FROM jobs JOIN runs ON runs.id = jobs.run_id "
-            "WHERE jobs.id = ? OR jobs.id LIKE ?", (job_id, job_id + "%")).fetchone()
+            "WHERE jobs.id = ? OR jobs.id LIKE ?",
+            (job_id, job_id + "%"),
+        ).fetchone()
         if row is None:
             raise NotFoundError(f"no job '{job_id}' — see `dstack jobs`")
         return Job.from_row(row)
@@ -309,8 +317,10 @@ class State:
             fields["reserved"] = json.dumps(fields["reserved"])
         sets = ",".join(f"{k} = ?" for k in fields)
         marks = ",".join("?" * len(from_statuses))
-        cur = self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
-                              [*fields.values(), job_id, *from_statuses])
+        cur = self.db.execute(
+            f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
+            [*fields.values(), job_id, *from_statuses],
+        )
         return cur.rowcount > 0
 
     def reusable_job(self, key: str) -> Job | None:
@@ -318,24 +328,31 @@ class State:
         row = self.db.execute(
             "SELECT jobs.*, runs.name AS run_name FROM jobs JOIN runs ON runs.id = jobs.run_id "
             "WHERE key = ? AND jobs.status = 'done' AND manifest IS NOT NULL "
-            "ORDER BY finished_at DESC LIMIT 1", (key,)).fetchone()
+            "ORDER BY finished_at DESC LIMIT 1",
+            (key,),
+        ).fetchone()
         return Job.from_row(row) if row else None
 
     def reservations(self, runner: str) -> list[dict[str, Any]]:
         """What active jobs hold on a runner right now (call inside a transaction)."""
         rows = self.db.execute(
             "SELECT reserved FROM jobs WHERE runner = ? AND status IN ('starting', 'running') "
-            "AND reserved IS NOT NULL", (runner,)).fetchall()
+            "AND reserved IS NOT NULL",
+            (runner,),
+        ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     # -- artifacts ----------------------------------------------------------------------------------
-    def save_artifact_rows(self, job_id: str, rows: list[ArtifactRow], manifest_name: str,
-                           **job_fields: Any) -> None:
+    def save_artifact_rows(
+        self, job_id: str, rows: list[ArtifactRow], manifest_name: str, **job_fields: Any
+    ) -> None:
         """Record a finished job's artifacts and its final status in one transaction."""
         with self.transaction() as db:
             db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
-            db.executemany("INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
-                           [(job_id, r.path, r.size, r.mode, r.digest) for r in rows])
+            db.executemany(
+                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                [(job_id, r.path, r.size, r.mode, r.digest) for r in rows],
+            )
             fields = {"manifest": manifest_name, **job_fields}
             sets = ",".join(f"{k} = ?" for k in fields)
             db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
@@ -349,25 +366,32 @@ class State:
         with self.transaction() as db:
             exists = db.execute("SELECT 1 FROM tags WHERE name = ?", (name,)).fetchone()
             if exists and not replace:
-                raise UsageError(f"tag '{name}' exists — delete it first (`dstack tags delete {name}`)"
-                                 " or pass --force to move it")
+                raise UsageError(
+                    f"tag '{name}' exists — delete it first (`dstack tags delete {name}`)"
+                    " or pass --force to move it"
+                )
             db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (name, run_id, time.time()))
 
     def tag(self, name: str) -> Tag | None:
         row = self.db.execute(
             "SELECT tags.name, run_id, runs.name AS run_name, tags.created_at FROM tags "
-            "JOIN runs ON runs.id = tags.run_id WHERE tags.name = ?", (name,)).fetchone()
+            "JOIN runs ON runs.id = tags.run_id WHERE tags.name = ?",
+            (name,),
+        ).fetchone()
         return Tag(**dict(row)) if row else None
 
     def tags(self) -> list[Tag]:
         rows = self.db.execute(
             "SELECT tags.name, run_id, runs.name AS run_name, tags.created_at FROM tags "
-            "JOIN runs ON runs.id = tags.run_id ORDER BY tags.created_at DESC").fetchall()
+            "JOIN runs ON runs.id = tags.run_id ORDER BY tags.created_at DESC"
+        ).fetchall()
         result = []
         for r in rows:
             tag = Tag(**dict(r))
-            tag.workflows = [w[0] for w in self.db.execute(
-                "SELECT DISTINCT workflow FROM jobs WHERE run_id = ?", (tag.run_id,))]
+            tag.workflows = [
+                w[0]
+                for w in self.db.execute("SELECT DISTINCT workflow FROM jobs WHERE run_id = ?", (tag.run_id,))
+            ]
             result.append(tag)
         return result
 

@@ -57,8 +57,13 @@ def test_two_hosts_placement_reattach_and_download(make_repo, sshd_factory, tmp_
     assert listed["box1"]["capacity"]["cpus"] >= 2 and listed["box2"]["status"] == "ready"
     assert listed["local"]["enabled"] is False
 
-    cli = subprocess.Popen([sys.executable, "-m", "dstack", "run", "evaluate"], cwd=repo,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "dstack", "run", "evaluate"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert cli.stdout is not None
     deadline = time.time() + 60
     for line in cli.stdout:  # wait until training is under way, then kill the CLI
@@ -74,7 +79,8 @@ def test_two_hosts_placement_reattach_and_download(make_repo, sshd_factory, tmp_
     assert "sum=5050 count=100" in follow.out
     for job in ("a", "b"):  # re-attached with no line lost
         assert [ln.split("| ")[1] for ln in follow.out.splitlines() if f"{job} step" in ln] == [
-            f"{job} step {i}" for i in range(1, 7)]
+            f"{job} step {i}" for i in range(1, 7)
+        ]
     jobs = {j["name"]: j for j in json.loads(dstack("jobs", run, "--json", cwd=repo).out)}
     assert {jobs["train-a"]["runner"], jobs["train-b"]["runner"]} == {"box1", "box2"}
     assert all(j["status"] == "done" for j in jobs.values())
@@ -87,14 +93,18 @@ def test_two_hosts_placement_reattach_and_download(make_repo, sshd_factory, tmp_
 
 def test_pinned_host_and_a_job_no_host_fits(make_repo, sshd_factory):
     server = sshd_factory.loopback()
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: where
     commands: ["echo running as $USER in $HOME"]
   - name: huge
     resources: {gpu: {name: H100, count: 8}}
     commands: [echo never]
-"""})
+"""
+        }
+    )
     add_host(server, "pinned", repo)
     dstack("run", "where", "--host", "pinned", cwd=repo)
     jobs = json.loads(dstack("jobs", "--json", cwd=repo).out)
@@ -107,11 +117,15 @@ workflows:
 def test_host_that_stops_answering_fails_its_job_in_time(make_repo, sshd_factory, monkeypatch):
     monkeypatch.setenv("DSTACK_HOST_LOST_S", "5")
     server = sshd_factory.netns()
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: long
     commands: ["echo started", "sleep 120"]
-"""})
+"""
+        }
+    )
     add_host(server, "flaky", repo)
     dstack("run", "long", "--host", "flaky", "-d", cwd=repo)
     run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]

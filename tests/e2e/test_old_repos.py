@@ -24,17 +24,19 @@ def fails(repo: Path, *args: str) -> str:
 
 
 def test_layout_workflows_folder_variables_configs_providers_config(make_repo):
-    repo = make_repo({
-        ".dstack/workflows/data.yaml": "workflows:\n- name: prepare\n  provider: bash\n  commands:\n"
-                                       "  - mkdir -p out && echo $size > out/size.txt\n  artifacts: [out]\n",
-        ".dstack/workflows/train.yml": "workflows:\n  - name: train\n    help: Train it\n    deps:\n"
-                                      "      - prepare\n    provider: bash\n    commands:\n"
-                                      "      - echo size=$(cat out/size.txt) lr=$lr seed=$SEED\n",
-        ".dstack/configs.yaml": "configs:\n  global:\n    seed: 7\n  train:\n    lr: 0.001\n",
-        ".dstack/variables.yaml": "variables:\n  prepare:\n    size: 10\n",
-        ".dstack/providers.yaml": "",
-        ".dstack/config.yaml": "backend: local\n",
-    })
+    repo = make_repo(
+        {
+            ".dstack/workflows/data.yaml": "workflows:\n- name: prepare\n  provider: bash\n  commands:\n"
+            "  - mkdir -p out && echo $size > out/size.txt\n  artifacts: [out]\n",
+            ".dstack/workflows/train.yml": "workflows:\n  - name: train\n    help: Train it\n    deps:\n"
+            "      - prepare\n    provider: bash\n    commands:\n"
+            "      - echo size=$(cat out/size.txt) lr=$lr seed=$SEED\n",
+            ".dstack/configs.yaml": "configs:\n  global:\n    seed: 7\n  train:\n    lr: 0.001\n",
+            ".dstack/variables.yaml": "variables:\n  prepare:\n    size: 10\n",
+            ".dstack/providers.yaml": "",
+            ".dstack/config.yaml": "backend: local\n",
+        }
+    )
     listing = run_out(repo, "--help")
     assert "prepare" in listing and "train" in listing and "Train it" in listing
     assert "--lr" in run_out(repo, "train", "--help")
@@ -42,14 +44,20 @@ def test_layout_workflows_folder_variables_configs_providers_config(make_repo):
 
 
 def test_a_name_defined_twice_names_both_files(make_repo):
-    repo = make_repo({".dstack/workflows/a.yaml": "workflows:\n  - name: x\n    commands: [echo a]\n",
-                      ".dstack/workflows/b.yaml": "workflows:\n  - name: x\n    commands: [echo b]\n"})
+    repo = make_repo(
+        {
+            ".dstack/workflows/a.yaml": "workflows:\n  - name: x\n    commands: [echo a]\n",
+            ".dstack/workflows/b.yaml": "workflows:\n  - name: x\n    commands: [echo b]\n",
+        }
+    )
     err = fails(repo, "run", "x")
     assert "a.yaml" in err and "b.yaml" in err
 
 
 def test_every_dependency_form(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: base
     commands: ["mkdir -p d", "echo base > d/base.txt"]
@@ -82,12 +90,19 @@ workflows:
   - name: typo
     depends-on: [bsae]
     commands: [echo never]
-"""})
+"""
+        }
+    )
     run_out(repo, "base")
     name = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
     dstack("tags", "add", "basetag", name, cwd=repo)
-    for workflow in ("by-tag-alone", "by-tag-mapping", "yaml-mapping-form", "by-workflow-mapping",
-                     "repo-and-workflows"):
+    for workflow in (
+        "by-tag-alone",
+        "by-tag-mapping",
+        "yaml-mapping-form",
+        "by-workflow-mapping",
+        "repo-and-workflows",
+    ):
         assert "base" in run_out(repo, workflow), workflow
     assert "not supported" in fails(repo, "run", "other-repo")
     assert "'bsae'" in fails(repo, "run", "typo")
@@ -97,7 +112,9 @@ workflows:
 
 def test_environment_mapping_env_list_and_path_references(make_repo, monkeypatch):
     monkeypatch.setenv("MY_TOKEN", "from-my-shell")
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: env-map
     environment:
@@ -112,15 +129,18 @@ workflows:
       - MODE=fast
       - MY_TOKEN
     commands: ['echo "mode=$MODE token=$MY_TOKEN"']
-"""})
+"""
+        }
+    )
     out = run_out(repo, "env-map")
     assert "debug=true rate=0.50" in out and "path-expanded" in out
     assert "mode=fast token=from-my-shell" in run_out(repo, "env-list")
 
 
 def test_python_version_scalars_read_as_written(make_repo):
-    repo = make_repo({
-        ".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: py
     provider: python
@@ -132,7 +152,10 @@ workflows:
       type: string
       default: 3.9
     file: show.py
-""", "show.py": "import sys\nprint('python', sys.version_info[:2])\n"})
+""",
+            "show.py": "import sys\nprint('python', sys.version_info[:2])\n",
+        }
+    )
     out = dstack("run", "py", cwd=repo)
     assert "3.10" in out.output  # ran python3.10, or said it used another python in its place
     assert "3.1 " not in out.output and "python3.1:" not in out.output
@@ -140,7 +163,9 @@ workflows:
 
 
 def test_resources_forms(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: small
     resources:
@@ -160,21 +185,30 @@ workflows:
   - name: gpu-string
     resources: {gpu: A100}
     commands: [echo never]
-"""})
+"""
+        }
+    )
     assert "small" in run_out(repo, "small")
-    for workflow, what in (("top-level-gpu", "GPUs (2 asked"), ("short-form", "GPUs (1 v100 asked"),
-                           ("gpu-string", "GPUs (1 A100 asked")):
+    for workflow, what in (
+        ("top-level-gpu", "GPUs (2 asked"),
+        ("short-form", "GPUs (1 v100 asked"),
+        ("gpu-string", "GPUs (1 A100 asked"),
+    ):
         err = fails(repo, "run", workflow)
         assert "no runner could ever fit" in err and what in err, err
 
 
 def test_ports_count_and_list(make_repo):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: two-ports
     ports: 2
     commands: ['test -n "$PORT_0" && test -n "$PORT_1" && echo ports-ok']
-"""})
+"""
+        }
+    )
     assert "ports-ok" in run_out(repo, "two-ports")
 
 
@@ -200,7 +234,9 @@ def http_file(tmp_path):
 
 
 def test_providers_curl_and_refused_forms(make_repo, http_file, tmp_path):
-    repo = make_repo({".dstack/workflows.yaml": f"""\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": f"""\
 workflows:
   - name: download
     provider: curl
@@ -212,7 +248,9 @@ workflows:
   - name: pinned
     provider: python==3.8
     script: x.py
-"""})
+"""
+        }
+    )
     run_out(repo, "download")
     name = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
     dstack("artifacts", "download", name, "-o", str(tmp_path / "got"), cwd=repo)
@@ -222,7 +260,9 @@ workflows:
 
 
 def test_help_template_args_triggers_absolute_artifacts(make_repo, tmp_path):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 templates:
   - name: base
     provider: bash
@@ -239,20 +279,25 @@ workflows:
       - mkdir -p out && echo done > out/x.txt
     artifacts:
       - out
-"""})
+"""
+        }
+    )
     res = dstack("run", "templated", "--", "--epochs", "3", cwd=repo)
     assert "template=yes-it-is args=--epochs 3" in res.out
     assert "trigger" in res.err.lower()
     assert "Uses a template" in run_out(repo, "--help")
 
 
-@pytest.mark.parametrize("body, message", [
-    ("workflows:\n  - id: old\n    params: {a: 1}\n    dependencies: []\n", "name"),
-    ("workflows:\n  - name: a\n    commands: [echo a]\n    commands: [echo b]\n", "duplicate"),
-    ("workflows:\n  - name: a\n    comands: [echo a]\n", "did you mean 'commands'"),
-    ("workflows:\n  - name: a\n    commands: [echo a]\n    artifacts: [null]\n", "artifacts"),
-    ("workflows: [\n  - name: a\n", ".dstack/workflows.yaml:"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("workflows:\n  - id: old\n    params: {a: 1}\n    dependencies: []\n", "name"),
+        ("workflows:\n  - name: a\n    commands: [echo a]\n    commands: [echo b]\n", "duplicate"),
+        ("workflows:\n  - name: a\n    comands: [echo a]\n", "did you mean 'commands'"),
+        ("workflows:\n  - name: a\n    commands: [echo a]\n    artifacts: [null]\n", "artifacts"),
+        ("workflows: [\n  - name: a\n", ".dstack/workflows.yaml:"),
+    ],
+)
 def test_broken_files_get_one_line_errors_and_validate_lists_them(make_repo, body, message):
     repo = make_repo({".dstack/workflows.yaml": body})
     res = dstack("validate", cwd=repo, check=False)
