@@ -135,17 +135,21 @@ def filter_code(files: Manifest, working_subdir: str, include: list[str] | None)
     return Manifest(entries=kept)
 
 
-def compute_keys(nodes: list[Node], files: Manifest, working_subdir: str) -> None:
+def compute_keys(
+    nodes: list[Node], files: Manifest, working_subdir: str, files_digest: str | None = None
+) -> None:
     """Each job's key: its spec, variables, the repo files it depends on, and its inputs' keys."""
     from dstack.hashing import digest_bytes
 
     keys: dict[str, str] = {}
+    all_files = files_digest or files.digest()
     for node in nodes:
-        code = filter_code(files, working_subdir, node.spec.repo_include)
+        include = node.spec.repo_include
+        code_digest = filter_code(files, working_subdir, include).digest() if include else all_files
         material = {
             "workflow": node.workflow,
             "spec": node.spec.key_material(),
-            "code": code.digest(),
+            "code": code_digest,
             "subdir": posixpath.normpath(working_subdir),
             "upstream": sorted(keys[u] for u in node.upstream),
             "tags": sorted(j.key or j.manifest or "" for t in node.tag_inputs for j in t.jobs),

@@ -86,14 +86,16 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     if req.host and req.host != "local":
         if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
             raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
-    code_name = f"code/{repo.files.digest()}"
-    store.put_manifest(code_name, repo.files)
+    code_digest = repo.files.digest()
+    code_name = f"code/{code_digest}"
+    if not store.has_manifest(code_name):  # named by its content: there already means the same
+        store.put_manifest(code_name, repo.files)
 
     nodes: list[Node] = []
     by_key: dict[str, Node] = {}
     for combo in req.grid or [req.overrides]:
         combo_nodes = resolve_graph(project, req.workflow, combo, req.args, state)
-        compute_keys(combo_nodes, repo.files, repo.working_subdir)
+        compute_keys(combo_nodes, repo.files, repo.working_subdir, code_digest)
         for node in combo_nodes:
             if node.key not in by_key:  # upstream jobs a sweep's combinations share run once
                 by_key[node.key] = node

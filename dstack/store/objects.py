@@ -263,6 +263,9 @@ class LocalObjectStore(ObjectStore):
             raise StorageError(f"can't write {dest}: {e.strerror or e}") from e
         return True
 
+    def has_manifest(self, name: str) -> bool:
+        return self._manifest_path(name).is_file()
+
     def _manifest_path(self, name: str) -> Path:
         return self.root / "manifests" / f"{check_name(name)}.json"
 
