@@ -147,3 +147,34 @@ workflows:
     finally:
         server.reconnect()
         os.environ.pop("DSTACK_HOST_LOST_S", None)
+
+
+def test_retry_places_the_job_on_another_host_when_its_host_dies(make_repo, sshd_factory, monkeypatch):
+    monkeypatch.setenv("DSTACK_HOST_LOST_S", "3")
+    one, two = sshd_factory.netns(), sshd_factory.netns()
+    repo = make_repo({".dstack/workflows.yaml": """\
+workflows:
+  - name: resilient
+    retry:
+      limit: 1
+    commands: ["echo attempt on $HOME", "sleep 4", "echo finished"]
+"""})
+    add_host(one, "first", repo)
+    add_host(two, "second", repo)
+    dstack("hosts", "disable", "local", cwd=repo)
+    dstack("run", "resilient", "-d", cwd=repo)
+    run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
+    deadline = time.time() + 30
+    runner = None
+    while runner is None and time.time() < deadline:
+        runner = json.loads(dstack("jobs", run, "--json", cwd=repo).out)[0]["runner"]
+        time.sleep(0.2)
+    victim = one if runner == "first" else two
+    victim.cut()
+    try:
+        follow = dstack("logs", "-f", run, cwd=repo, timeout=90)
+        assert "finished" in follow.out
+        [job] = json.loads(dstack("jobs", run, "--json", cwd=repo).out)
+        assert job["status"] == "done" and job["runner"] != runner
+    finally:
+        victim.reconnect()
