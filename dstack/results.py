@@ -50,7 +50,11 @@ def download_artifacts(
     for job in state.jobs(run.id):
         if job.manifest:
             manifests.append(store.get_manifest(job.manifest))
-    merged = Manifest(entries=[e for m in manifests for e in m.entries])
+    latest: dict[str, object] = {}  # a path saved by several jobs: the later job's file wins
+    for m in manifests:
+        for e in m.entries:
+            latest[e.path] = e
+    merged = Manifest(entries=list(latest.values()))  # type: ignore[arg-type]
     if not merged.entries:
         raise ArtifactError(f"run {run.name} has no artifacts", hint="declare `artifacts:` in the workflow")
     select_entries(merged, path)  # NotFoundError naming the path if nothing is under it

@@ -43,12 +43,15 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
+        try:  # up means it says its SSH banner (a bare connect can succeed against ourselves)
+            with socket.create_connection((host, port), timeout=0.5) as sock:
+                sock.settimeout(2)
+                if sock.recv(4).startswith(b"SSH-"):
+                    return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"sshd did not listen on {host}:{port} within {timeout}s")
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"sshd did not answer on {host}:{port} within {timeout}s")
 
 
 def _ip(*args: str) -> None:

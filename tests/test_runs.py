@@ -375,3 +375,21 @@ def test_init_schema_version(make_repo):
     listing = dstack("run", "--help", cwd=repo).out
     assert "hello" in listing and "Say hello" in listing
     assert "--name" in dstack("run", "hello", "--help", cwd=repo).out
+
+
+def test_download_when_two_jobs_save_the_same_path(make_repo, tmp_path):
+    repo = make_repo({".dstack/workflows.yaml": """\
+workflows:
+  - name: first
+    commands: ["mkdir -p data", "echo one > data/set.txt", "echo keep > data/first.txt"]
+    artifacts: [data]
+  - name: second
+    depends-on: [first]
+    commands: ["echo two > data/set.txt"]
+    artifacts: [data]
+"""})
+    dstack("run", "second", cwd=repo)
+    name = runs_json(repo)[0]["name"]
+    dstack("artifacts", "download", name, "-o", str(tmp_path / "out"), cwd=repo)
+    assert (tmp_path / "out/data/set.txt").read_text() == "two\n"
+    assert (tmp_path / "out/data/first.txt").read_text() == "keep\n"

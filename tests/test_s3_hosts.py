@@ -5,6 +5,7 @@ counted by a TCP proxy in front of sshd); the SSH path when the host can't hash 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -58,8 +59,7 @@ class CountingProxy:
                 return
             try:
                 upstream = socket.create_connection(self.target, timeout=10)
-            except OSError as e:
-                print("PROXY upstream failed", e, file=sys.stderr)
+            except OSError:
                 client.close()
                 continue
             upstream.settimeout(None)
@@ -119,6 +119,21 @@ def set_host_path(server: SSHServer, path: str) -> None:
     config.write_text("\n".join(lines) + "\n")
     server.stop()
     server.start()
+    deadline = time.monotonic() + 20
+    while True:  # sshd answers with its banner (a probe right after a restart may have hit nothing)
+        if server.proc is None or server.proc.poll() is not None:
+            server.start()
+        try:
+            with socket.create_connection((server.host, server.port), timeout=2) as probe:
+                if probe.recv(8).startswith(b"SSH-"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"sshd at {server.address} did not come back: {(server.dir / 'sshd.log').read_text()}"
+            )
+        time.sleep(0.1)
 
 
 def hashing_host(factory: SSHDFactory, netns: bool = False) -> SSHServer:
@@ -244,7 +259,9 @@ def test_host_fetches_inputs_and_uploads_artifacts_itself(
     sshd_factory: SSHDFactory,
     tmp_path: Path,
     proxies: list[CountingProxy],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dstack.backends.ssh")
     one, proxy_one = runner_via_proxy(state, hashing_host(sshd_factory), "one", tmp_path / "r1", proxies)
     absolute = f"{tmp_path}/abs.txt"
     ctx = make_ctx(
@@ -270,6 +287,10 @@ def test_host_fetches_inputs_and_uploads_artifacts_itself(
     assert result is not None and (result.path, result.hasher) == ("s3", "python-blake3")
     assert (result.files, result.objects_put, result.objects_over_ssh) == (5, 5, 0)
     assert result.bytes_put >= 3 * MB
+    assert (
+        "one: artifacts: 5 files hashed with python-blake3, 5 new objects (3.0 MB) uploaded by the host "
+        f"to {store.url}" in caplog.messages
+    )
     # code in, 3 MB out: SSH carried only lists, scripts and the log
     assert proxy_one.bytes - before < MB, proxy_one.bytes - before
     by_path = {e.path: e for e in manifest.entries}

@@ -162,12 +162,14 @@ class SSHRunner(Runner):
                     if "can't reach the bucket" in reason:
                         self._no_fetch = reason
         note = (
-            f"dstack: inputs: {ship.objects_fetched} objects ({_size(ship.bytes_fetched)}) fetched by "
+            f"dstack: inputs: {_objects(ship.objects_fetched)} ({_size(ship.bytes_fetched)}) fetched by "
             f"{self.name} from {s3.url} directly"
         )
         if failed:
             why = reason or next(iter(failed.values()))
-            note += f"; {len(failed)} objects ({_size(sum(sizes[d] for d in failed))}) sent over SSH ({why})"
+            note += (
+                f"; {_objects(len(failed))} ({_size(sum(sizes[d] for d in failed))}) sent over SSH ({why})"
+            )
         log.info("%s", note.removeprefix("dstack: "))
         return set(failed), note
 
@@ -289,8 +291,8 @@ class SSHRunner(Runner):
         log.info(
             "%s: artifacts: %d files hashed with %s, %d new objects (%s) uploaded by the host to %s%s",
             self.name,
-            saved.hasher,
             result.files,
+            saved.hasher,
             result.objects_put,
             _size(result.bytes_put),
             s3.url,
@@ -349,6 +351,10 @@ def _with_note(job_sh: str, note: str) -> str:
         first, _, rest = job_sh.partition("\n")
         return f"{first}\n{line}{rest}"
     return line + job_sh
+
+
+def _objects(n: int) -> str:
+    return f"{n} object" if n == 1 else f"{n} objects"
 
 
 def _size(n: int) -> str:
