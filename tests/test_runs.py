@@ -378,7 +378,9 @@ def test_init_schema_version(make_repo):
 
 
 def test_download_when_two_jobs_save_the_same_path(make_repo, tmp_path):
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: first
     commands: ["mkdir -p data", "echo one > data/set.txt", "echo keep > data/first.txt"]
@@ -387,7 +389,9 @@ workflows:
     depends-on: [first]
     commands: ["echo two > data/set.txt"]
     artifacts: [data]
-"""})
+"""
+        }
+    )
     dstack("run", "second", cwd=repo)
     name = runs_json(repo)[0]["name"]
     dstack("artifacts", "download", name, "-o", str(tmp_path / "out"), cwd=repo)

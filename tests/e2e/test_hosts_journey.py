@@ -152,13 +152,17 @@ workflows:
 def test_retry_places_the_job_on_another_host_when_its_host_dies(make_repo, sshd_factory, monkeypatch):
     monkeypatch.setenv("DSTACK_HOST_LOST_S", "3")
     one, two = sshd_factory.netns(), sshd_factory.netns()
-    repo = make_repo({".dstack/workflows.yaml": """\
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
 workflows:
   - name: resilient
     retry:
       limit: 1
     commands: ["echo attempt on $HOME", "sleep 4", "echo finished"]
-"""})
+"""
+        }
+    )
     add_host(one, "first", repo)
     add_host(two, "second", repo)
     dstack("hosts", "disable", "local", cwd=repo)
