@@ -163,7 +163,10 @@ class SSHDFactory:
         if os.geteuid() != 0 or not shutil.which("ip"):
             pytest.skip("network namespaces need root and iproute2 (`ip`)")
         used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, timeout=10).stdout
+        existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
         tag = f"{os.getpid() % 10000}{len(self.namespaces)}"
+        while f"dstk{tag}" in existing:  # a namespace left by an earlier, killed session
+            tag = f"{random.randint(0, 99999)}"
         name, veth, peer = f"dstk{tag}", f"dsv{tag}a", f"dsv{tag}b"
         for _ in range(100):
             n = random.randint(1, 250)

@@ -557,9 +557,9 @@ def test_no_aws_configured_costs_nothing(state: State) -> None:
 def _wired() -> bool:
     import inspect
 
-    import dstack.runs
+    import dstack.orchestrator
 
-    return "launch_for" in inspect.getsource(dstack.runs)
+    return "launch_for" in inspect.getsource(dstack.orchestrator)
 
 
 @pytest.mark.skipif(not _wired(), reason="the lead has not wired launch_for/reap_idle into dstack.runs yet")

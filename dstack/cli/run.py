@@ -52,7 +52,8 @@ def run(
         if after and extra[-len(after) :] == after:
             extra = [*extra[: len(extra) - len(after)], "--", *after]
     overrides, args = parse_variables(extra)
-    from dstack.runs import RunRequest, create_run, start_orchestrator
+    from dstack.orchestrator import start_orchestrator
+    from dstack.runs import RunRequest, create_run
     from dstack.store.state import open_state
     from dstack.sweeps import expand_grid
 

@@ -26,7 +26,7 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     from dstack.cli import ui
-    from dstack.runs import repair
+    from dstack.orchestrator import repair
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -170,7 +170,7 @@ def jobs(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     from dstack.cli import ui
-    from dstack.runs import repair
+    from dstack.orchestrator import repair
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -218,7 +218,7 @@ def logs(
     run: str = typer.Argument(..., help="Run name or prefix."),
     follow_: bool = typer.Option(False, "-f", "--follow", help="Follow the output until the run ends."),
 ) -> None:
-    from dstack.runs import repair
+    from dstack.orchestrator import repair
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -257,7 +257,7 @@ def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failur
 
     from dstack.cli import ui
     from dstack.errors import RunError
-    from dstack.runs import follow_run
+    from dstack.logs import follow_run
 
     jobs_ = state.jobs(run_id)
     prefix = len([j for j in jobs_ if j.status != "reused"]) > 1
