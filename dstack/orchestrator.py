@@ -317,7 +317,12 @@ class Orchestrator:
             )
         else:
             self._retry_or_fail(job, spec, state.reason or "the job was lost", "host-lost")
-        runner.cleanup_job(job.id, keep=self.run.keep)
+            if (job.runner or "local") in self._unreachable_since:
+                return  # nothing to clean up on a host that doesn't answer
+        try:
+            runner.cleanup_job(job.id, keep=self.run.keep)
+        except DstackError as e:
+            log.warning("could not clean up job %s on %s: %s", job.id, job.runner, e)
 
     def _last_log_line(self, job: Job) -> str:
         """The job's last line of output (what a failure most often says), cut to 200 characters."""

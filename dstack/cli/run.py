@@ -170,9 +170,10 @@ def _print_help(ctx: typer.Context, workflow: str | None) -> None:
     if not workflow:
         from rich.text import Text
 
+        from dstack.workflows.checkcache import workflow_problems
+
         rows: list[list[object]] = []
-        for name in project.names():
-            error = project.error(name)
+        for name, error in workflow_problems(project).items():
             helptext = project.help(name) or ""
             rows.append([name, Text(f"broken: {error}", style="red") if error else helptext])
         ui.out("")
@@ -182,9 +183,9 @@ def _print_help(ctx: typer.Context, workflow: str | None) -> None:
         from dstack.errors import UsageError
 
         raise UsageError(f"no workflow named '{workflow}'", hint="see `dstack run --help`")
-    error = project.error(workflow)
-    if error:
-        raise error
+    problem = project.error(workflow)
+    if problem:
+        raise problem
     ui.out("")
     if project.help(workflow):
         ui.out(f"{workflow}: {project.help(workflow)}")

@@ -246,12 +246,23 @@ class Connection:
 
     @property
     def transport(self) -> paramiko.Transport:
-        if self._client is None:  # dropped (by another thread's failure, say): connect again, once
-            with self._open_lock:
-                if self._client is None:
-                    self.open()
+        """The live transport; a dropped or dead one (another thread's failure, say) is reconnected once."""
         client = self._client
         transport = client.get_transport() if client is not None else None
+        if transport is not None and transport.is_active():
+            return transport
+        with self._open_lock:
+            client = self._client
+            transport = client.get_transport() if client is not None else None
+            if transport is None or not transport.is_active():
+                if client is not None:
+                    with self._sftp_lock:
+                        self._sftp = None
+                    client.close()
+                    self._client = None
+                self.open()  # HostError if the host doesn't answer
+                client = self._client
+                transport = client.get_transport() if client is not None else None
         if transport is None or not transport.is_active():
             raise HostError(f"{self.name}: connection to {self.target.describe()} was lost")
         return transport
