@@ -72,43 +72,10 @@ def import_tag(state: State, store: ObjectStore, name: str) -> bool:
     r = record["run"]
     if state.db.execute("SELECT 1 FROM runs WHERE id = ?", (r["id"],)).fetchone() is None:
         name_taken = state.db.execute("SELECT 1 FROM runs WHERE name = ?", (r["name"],)).fetchone()
-        run = Run(
-            **r,
-            status="done",
-            sweep=None,
-            reproduce_of=None,
-            host_pin=None,
-            force=False,
-            keep=False,
-            orchestrator_pid=None,
-            orchestrator_start=None,
-            reason=f"shared tag {name}",
-        )
+        run = Run(**r, status="done", reason=f"shared tag {name}")
         if name_taken:
             run.name = f"{run.name}-{run.id[:6]}"
-        jobs = [
-            Job(
-                id=j["id"],
-                run_id=run.id,
-                workflow=j["workflow"],
-                status="done",
-                spec=j["spec"],
-                key=j["key"],
-                upstream=[],
-                reused_from=None,
-                runner=j["runner"],
-                reserved=None,
-                attempt=1,
-                exit_code=0,
-                reason=None,
-                manifest=j["manifest"],
-                log_path=None,
-                created_at=j["created_at"],
-                started_at=j["started_at"],
-                finished_at=j["finished_at"],
-            )
-            for j in record["jobs"]
-        ]
+        jobs = [Job(**j, run_id=run.id, status="done", exit_code=0) for j in record["jobs"]]
         state.insert_run(run, jobs)
         for job in jobs:
             manifest = store.get_manifest(job.manifest or "")

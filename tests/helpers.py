@@ -150,3 +150,16 @@ class DstackCliRunner(CliRunner):
                 detail += "\n--- exception ---\n" + "".join(traceback.format_exception(res.exception))
             pytest.fail(detail)
         return result
+
+
+def git_repo_with(root: Path, files: dict[str, str]) -> Path:
+    """A real Git repo (not committed) holding `files`, their text dedented."""
+    import textwrap
+
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root

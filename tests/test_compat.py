@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import git_repo_with as make_repo
 
 from dstack.specs import DependencySpec, JobSpec
 from dstack.workflows import load_project
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    """A real Git repo holding `files`."""
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
 
 
 def run_spec(root: Path, spec: JobSpec, extra_env: dict[str, str] | None = None) -> str:

@@ -6,29 +6,18 @@ import http.server
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import git_repo_with as make_repo
 
 from dstack.errors import ConfigError
 from dstack.providers import BUILTIN, get_provider, is_provider, provider_names
 from dstack.providers.base import Provider
 from dstack.specs import JobSpec
 from dstack.workflows import load_project
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    """A real Git repo holding `files`."""
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
 
 
 def run_spec(root: Path, spec: JobSpec) -> subprocess.CompletedProcess[str]:

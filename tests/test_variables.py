@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import git_repo_with as make_repo
 
 from dstack.errors import ConfigError, UsageError
 from dstack.specs import JobSpec
 from dstack.workflows import load_project
 from dstack.workflows.variables import Substituter, config_args, expand_env, quote_env_value
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    """A real Git repo holding `files`."""
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
 
 
 def run_spec(root: Path, spec: JobSpec) -> str:

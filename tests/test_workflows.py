@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import git_repo_with as make_repo
 
 from dstack.errors import ConfigError, RepoError, UsageError
 from dstack.workflows import json_schema, load_project
-
-
-def make_repo(root: Path, files: dict[str, str]) -> Path:
-    """A real Git repo holding `files` (text dedented as written in the test)."""
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
-
 
 BASIC = """\
 workflows:

@@ -65,27 +65,27 @@ class Run:
     name: str
     workflow: str
     status: str
-    project_root: str
-    repo_root: str
-    working_subdir: str
-    remote_url: str | None
-    branch: str | None
-    commit_sha: str | None
-    diff: str | None
-    untracked: list[str]
-    code_manifest: str | None
-    variables: dict[str, str]
-    args: list[str]
-    sweep: str | None
-    reproduce_of: str | None
-    host_pin: str | None
-    force: bool
-    keep: bool
-    orchestrator_pid: int | None
-    orchestrator_start: str | None
-    reason: str | None
-    created_at: float
-    finished_at: float | None
+    project_root: str = ""
+    repo_root: str = ""
+    working_subdir: str = "."
+    remote_url: str | None = None
+    branch: str | None = None
+    commit_sha: str | None = None
+    diff: str | None = None
+    untracked: list[str] = field(default_factory=list)
+    code_manifest: str | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    sweep: str | None = None
+    reproduce_of: str | None = None
+    host_pin: str | None = None
+    force: bool = False
+    keep: bool = False
+    orchestrator_pid: int | None = None
+    orchestrator_start: str | None = None
+    reason: str | None = None
+    created_at: float = 0.0
+    finished_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Run:
@@ -104,20 +104,20 @@ class Job:
     run_id: str
     workflow: str
     status: str
-    spec: dict[str, Any]
-    key: str | None
-    upstream: list[str]
-    reused_from: str | None
-    runner: str | None
-    reserved: dict[str, Any] | None
-    attempt: int
-    exit_code: int | None
-    reason: str | None
-    manifest: str | None
-    log_path: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
+    spec: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+    upstream: list[str] = field(default_factory=list)
+    reused_from: str | None = None
+    runner: str | None = None
+    reserved: dict[str, Any] | None = None
+    attempt: int = 1
+    exit_code: int | None = None
+    reason: str | None = None
+    manifest: str | None = None
+    log_path: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
     run_name: str = ""
 
     @classmethod
