@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dockerd import busybox_image, docker_engine, python_image  # noqa: F401  (fixtures)
+from dockerd import busybox_image, docker_engine, ml_image, python_image  # noqa: F401  (fixtures)
 from helpers import DstackCliRunner, init_repo
 from s3server import s3_server, s3_url  # noqa: F401  (one SeaweedFS for the whole session)
 from sshd import ssh_keys_fixture, ssh_pool_fixture, sshd_factory_fixture, sshd_fixture  # noqa: F401

@@ -36,6 +36,9 @@ OWN_SOCKET = f"unix://{STATE_DIR}/docker.sock"
 SYSTEM_SOCKET = "unix:///var/run/docker.sock"
 BUSYBOX_IMAGE = "dstack-test/busybox:latest"
 PYTHON_IMAGE = "dstack-test/python:latest"
+ML_IMAGE = "dstack-test/python-ml:latest"
+# what the digits example imports: the image gets every site-packages module these load
+ML_IMPORTS = "numpy, sklearn.datasets, sklearn.linear_model, sklearn.metrics, sklearn.model_selection"
 START_TIMEOUT_S = 60.0
 IMAGE_FORMAT = "2"  # bump to force rebuilding the test images
 KEY_LABEL = "dstack.test.key"
@@ -405,6 +408,65 @@ def python_image(docker_engine: docker.DockerClient) -> str:
         fs.links["/bin/sh"] = "bash" if "/bin/bash" in fs.files else "busybox"
         _add_python(fs)
         return _import_image(docker_engine, fs, PYTHON_IMAGE, _BASE_CHANGES)
+    except EngineUnavailable as e:
+        _unavailable(str(e))
+        raise
+
+
+def _site_modules(imports: str) -> list[str]:
+    """The top-level site-packages entries (packages, modules, bundled `.libs`) that `import …` loads."""
+    probe = (
+        f"import sys, sysconfig, os; import {imports}\n"
+        "site = sysconfig.get_paths()['purelib']\n"
+        "names = set()\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None) or ''\n"
+        "    if f.startswith(site + os.sep):\n"
+        "        names.add(f[len(site) + 1:].split(os.sep)[0])\n"
+        "names |= {n for n in os.listdir(site) if n.endswith('.libs')}\n"
+        "print('\\n'.join(sorted(names)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise EngineUnavailable(f"this Python can't import {imports}: {proc.stderr.strip()[-200:]}")
+    return proc.stdout.split()
+
+
+def _add_site_packages(fs: RootFs, names: list[str]) -> None:
+    """Packages from this interpreter's site-packages (and the system libraries their extensions need)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    for name in names:
+        root = site / name
+        if root.is_file():
+            fs.add_file(root)
+            continue
+        if not root.is_dir():
+            if name.endswith(".libs"):
+                continue  # not every wheel bundles libraries
+            raise EngineUnavailable(f"{name} is not installed here (pip install scikit-learn)")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in ("tests", "__pycache__")]
+            for filename in filenames:
+                path = Path(dirpath) / filename
+                fs.add_file(path)
+                if ".so" in filename:
+                    for lib in _shared_libraries(path):
+                        if not str(lib).startswith(str(site)):
+                            fs.add_file(lib)
+    fs.texts[str(site / "dstack-test-ml.pth")] = ""  # site-packages exists even when nothing else is there
+
+
+@pytest.fixture(scope="session")
+def ml_image(docker_engine: docker.DockerClient) -> str:
+    """Tag of a local image with this host's Python plus numpy, scipy and scikit-learn (for the digits
+    example in a container), built from this host's own files: nothing is pulled."""
+    fs = RootFs()
+    try:
+        _add_busybox(fs)
+        fs.links["/bin/sh"] = "bash" if "/bin/bash" in fs.files else "busybox"
+        _add_python(fs)
+        _add_site_packages(fs, _site_modules(ML_IMPORTS))
+        return _import_image(docker_engine, fs, ML_IMAGE, _BASE_CHANGES)
     except EngineUnavailable as e:
         _unavailable(str(e))
         raise
