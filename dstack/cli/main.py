@@ -10,16 +10,16 @@ import typer
 from dstack.cli import artifacts as artifacts_cli
 from dstack.cli import config as config_cli
 from dstack.cli import hosts as hosts_cli
+from dstack.cli import new_app
 from dstack.cli import project as project_cli
 from dstack.cli import run as run_cli
 from dstack.cli import runs as runs_cli
 from dstack.cli import tags as tags_cli
 
-app = typer.Typer(
+app = new_app(
     help="Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs.",
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 DEBUG = {"on": bool(os.environ.get("DSTACK_DEBUG"))}

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(
+from dstack.cli import new_app
+
+app = new_app(
     help="Name successful runs so workflows can depend on them (`prepare:latest`).", no_args_is_help=True
 )
 
