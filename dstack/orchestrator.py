@@ -316,7 +316,9 @@ class Orchestrator:
                 finished_at=now,
             )
         else:
-            self._retry_or_fail(job, spec, state.reason or "the job was lost", "host-lost")
+            from dstack.runs import retry_or_fail
+
+            retry_or_fail(self.state, job, state.reason or "the job was lost", "host-lost")
             if (job.runner or "local") in self._unreachable_since:
                 return  # nothing to clean up on a host that doesn't answer
         try:
@@ -376,23 +378,6 @@ class Orchestrator:
         self.store.put_manifest(name, manifest)
         rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
         self.state.save_artifact_rows(job.id, rows, name)
-
-    def _retry_or_fail(self, job: Job, spec: Any, reason: str, kind: str) -> None:
-        retry = spec.retry
-        if retry is not None and job.attempt <= retry.limit and kind in retry.on:
-            self.state.transition(
-                job.id,
-                ("running", "starting"),
-                status="pending",
-                runner=None,
-                reserved=None,
-                attempt=job.attempt + 1,
-                reason=f"attempt {job.attempt} failed ({reason}); retrying",
-            )
-            return
-        self.state.transition(
-            job.id, ("running", "starting"), status="failed", reason=reason, finished_at=time.time()
-        )
 
     def _fail(self, job: Job, reason: str) -> None:
         self.state.transition(

@@ -279,3 +279,21 @@ def stop_run(state: State, ref: str) -> Run:
         runner.close()
     state.set_run(run.id, status="stopped", finished_at=time.time(), reason="stopped by user")
     return state.run(run.id)
+
+
+def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: bool = True) -> bool:
+    """A job that ended by `kind` ("host-lost", "interruption", "error"): back to pending for another attempt
+    when its `retry` allows that kind, else failed with the reason. False if it had already moved on."""
+    import time
+
+    from dstack.specs import JobSpec
+
+    rule = JobSpec.model_validate(job.spec).retry
+    if allow_retry and rule is not None and job.attempt <= rule.limit and kind in rule.on:
+        return state.transition(
+            job.id, ("starting", "running"), status="pending", runner=None, reserved=None,
+            attempt=job.attempt + 1, reason=f"attempt {job.attempt} failed ({reason}); retrying",
+        )  # fmt: skip
+    return state.transition(
+        job.id, ("starting", "running"), status="failed", reason=reason, finished_at=time.time()
+    )

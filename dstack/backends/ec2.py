@@ -325,31 +325,11 @@ def on_spot_interruption(
 ) -> list[str]:
     """Mark the jobs running on a host that is gone: placed again (pending) where their `retry` allows
     interruptions, failed with `interrupted: <reason>` otherwise; the ids of the jobs touched."""
-    from dstack.specs import JobSpec
+    from dstack.runs import retry_or_fail
 
     touched = []
     for job in _active_jobs(state, host):
-        spec = JobSpec.model_validate(job.spec)
-        rule = spec.retry
-        if retry and rule is not None and job.attempt <= rule.limit and "interruption" in rule.on:
-            changed = state.transition(
-                job.id,
-                ("starting", "running"),
-                status="pending",
-                runner=None,
-                reserved=None,
-                attempt=job.attempt + 1,
-                reason=f"attempt {job.attempt} interrupted ({reason}); retrying",
-            )
-        else:
-            changed = state.transition(
-                job.id,
-                ("starting", "running"),
-                status="failed",
-                reason=f"interrupted: {reason}",
-                finished_at=time.time(),
-            )
-        if changed:
+        if retry_or_fail(state, job, f"interrupted: {reason}", "interruption", allow_retry=retry):
             touched.append(job.id)
     return touched
 
