@@ -15,6 +15,7 @@ from dstack.store.digests import DigestCache
 from dstack.store.objects import S_IFLNK, Manifest, ManifestEntry, ObjectStore, check_digest, safe_relpath
 
 _WORKERS = 8
+SAFE_MODE = 0o755  # what a restored file may keep of its mode: no setuid/setgid/sticky, no group/other write
 
 
 @dataclass
@@ -39,6 +40,15 @@ class SaveResult:
     missing: list[str] = field(default_factory=list)
     new_objects: int = 0
     new_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # what was not stored, e.g. "FIFO out/pipe"
+
+
+class BadObjectError(ArtifactError):
+    """An artifact file whose object is corrupt or missing: the message names the file, then the object."""
+
+    def __init__(self, path: str, error: ArtifactError, where: str = "") -> None:
+        self.path, self.error = path, error
+        super().__init__(f"{where}artifact file {path!r}: {error.message}", hint=error.hint)
 
 
 @dataclass
@@ -68,15 +78,35 @@ def _join(base: str, rel: str) -> str:
     return rel if not base else (base if rel in ("", ".") else f"{base}/{rel}")
 
 
-def _collect(root: Path, base: str, found: dict[str, SourceFile]) -> None:
-    """Every regular file and symlink under `root` (a file or a directory), keyed by its manifest path."""
-    st = os.stat(root)  # the declared path itself is followed if it is a symlink
-    if stat.S_ISREG(st.st_mode):
+_SPECIAL = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def shown(path: str) -> str:
+    """A file name as people can read it: bytes that aren't UTF-8 written as `\\xff`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _collect(
+    root: Path, base: str, found: dict[str, SourceFile], skipped: list[str], follow: bool = False
+) -> None:
+    """Every regular file and symlink under `root` (a file or a directory), keyed by its manifest path.
+
+    Symlinks are kept as links, `root` included unless `follow`; FIFOs, sockets and devices go to `skipped`.
+    """
+    st = os.stat(root) if follow else os.lstat(root)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
         if not base:
             raise ArtifactError(f"can't save {root} as an artifact without a name")
-        found[base] = SourceFile(base, os.fspath(root), st)
+        link = os.fsencode(os.readlink(root)) if stat.S_ISLNK(st.st_mode) else None
+        found[base] = SourceFile(base, os.fspath(root), st, link)
         return
     if not stat.S_ISDIR(st.st_mode):
+        skipped.append(f"{_SPECIAL.get(stat.S_IFMT(st.st_mode), 'special file')} {shown(base)}")
         return
 
     def walk_error(e: OSError) -> None:
@@ -92,7 +122,22 @@ def _collect(root: Path, base: str, found: dict[str, SourceFile]) -> None:
                 found[entry_path] = SourceFile(entry_path, path, lst, os.fsencode(os.readlink(path)))
             elif stat.S_ISREG(lst.st_mode):
                 found[entry_path] = SourceFile(entry_path, path, lst)
+            elif not stat.S_ISDIR(lst.st_mode):
+                kind = _SPECIAL.get(stat.S_IFMT(lst.st_mode), "special file")
+                skipped.append(f"{kind} {shown(entry_path)}")
         dirnames.sort()
+
+
+def _check_names(files: list[SourceFile]) -> None:
+    """Refuse a file whose name isn't UTF-8 (manifests, state and S3 keys are text), naming it."""
+    for f in files:
+        try:
+            f.entry_path.encode()
+        except UnicodeEncodeError:
+            raise ArtifactError(
+                f"can't save '{shown(f.entry_path)}': its name is not valid UTF-8",
+                hint="rename the file (dstack keeps file names as UTF-8)",
+            ) from None
 
 
 def store_files(
@@ -107,6 +152,7 @@ def store_files(
     `under`: a directory holding all the files, if known (saves the cache from working it out).
     """
     files = sorted(files, key=lambda f: f.entry_path)
+    _check_names(files)
     regular = [f for f in files if f.link_target is None]
     if cache is not None:
         digests = cache.digest_many([f.source for f in regular], [f.st for f in regular], under=under)
@@ -168,23 +214,41 @@ def save_artifacts(
     """Store the declared paths (files or dirs, relative to `workdir` or absolute); return their manifest.
 
     Manifest paths are the paths as declared (absolute ones without their leading '/'); a declared
-    path that doesn't exist is listed in `missing`; symlinks inside directories are kept as symlinks.
+    path that doesn't exist is listed in `missing`; symlinks, the declared paths included, are kept as
+    symlinks (never followed); FIFOs, sockets and devices are listed in `skipped`.
     """
     found: dict[str, SourceFile] = {}
     missing: list[str] = []
+    skipped: list[str] = []
+    top = os.path.realpath(workdir)
     for declared in paths:
         base = _entry_base(declared)
         source = Path(declared) if os.path.isabs(declared) else workdir / declared
-        if not source.exists():
+        if not os.path.lexists(source):
             missing.append(declared)
             continue
+        if not os.path.isabs(declared):
+            parent = os.path.realpath(source.parent)
+            if parent != top and not parent.startswith(top + os.sep):
+                raise ArtifactError(
+                    f"artifact path {declared!r} goes through a symlink out of the working directory",
+                    hint="declare the absolute path instead if it is really meant",
+                )
         try:
-            _collect(source, base, found)
+            _collect(source, base, found, skipped)
         except OSError as e:
             raise ArtifactError(f"can't read artifact {declared!r}: {e.strerror or e}") from e
     result = store_files(found.values(), store, cache, on_progress)
     result.missing = missing
+    result.skipped = skipped
     return result
+
+
+def skip_notes(skipped: list[str]) -> bytes:
+    """The lines a job's log gets for what `save_artifacts` skipped: `dstack: skipped FIFO out/pipe …`."""
+    return "".join(
+        f"dstack: skipped {what} (not a file, folder or symlink: not saved)\n" for what in skipped
+    ).encode()
 
 
 def manifest_from_path(src: Path, store: ObjectStore) -> Manifest:
@@ -193,9 +257,9 @@ def manifest_from_path(src: Path, store: ObjectStore) -> Manifest:
         raise NotFoundError(f"{src} does not exist")
     found: dict[str, SourceFile] = {}
     if src.is_dir():
-        _collect(src, "", found)
+        _collect(src, "", found, [], follow=True)
     else:
-        _collect(src, src.name, found)
+        _collect(src, src.name, found, [], follow=True)
     return store_files(found.values(), store, None).manifest
 
 
@@ -216,13 +280,16 @@ def restore_artifacts(
     target: Path,
     subpath: str | None = None,
     on_progress: OnProgress | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Write the manifest's files (or those under `subpath`) into `target`, byte for byte with their modes.
+    """Write the manifest's files (or those under `subpath`) into `target`, byte for byte.
 
-    Digests are checked; files already there with the right content are skipped (so an interrupted
-    restore resumes); a path that would escape `target` is an ArtifactError naming it.
+    Modes lose setuid/setgid/sticky and group/other write (at most 0755). Digests are checked; files
+    already there with the right content are skipped (so an interrupted restore resumes); a path that
+    would escape `target` is an ArtifactError naming it. With `on_skip`, symlinks that point outside
+    `target` are not made: `on_skip` hears about each.
     """
-    return materialize(select_entries(manifest, subpath), store, target, on_progress)
+    return materialize(select_entries(manifest, subpath), store, target, on_progress, on_skip)
 
 
 def _check_entries(entries: list[ManifestEntry]) -> list[PurePosixPath]:
@@ -271,6 +338,7 @@ def materialize(
     store: ObjectStore,
     target: Path,
     on_progress: OnProgress | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Write entries under `target` safely and in parallel (copies, never links to the store)."""
     rels = _check_entries(entries)
@@ -284,16 +352,23 @@ def materialize(
 
     total_bytes = sum(e.size for e in entries)
 
-    def write(rel: PurePosixPath, e: ManifestEntry) -> Path:
+    def write(rel: PurePosixPath, e: ManifestEntry) -> Path | None:
         try:
             return _write(rel, e)
         except OSError as err:
             raise StorageError(f"can't write {target / rel}: {err.strerror or err}") from err
+        except ArtifactError as err:
+            if err.message.startswith("object "):  # a corrupt or missing object: say whose file it is
+                raise BadObjectError(e.path, err) from err
+            raise
 
-    def _write(rel: PurePosixPath, e: ManifestEntry) -> Path:
+    def _write(rel: PurePosixPath, e: ManifestEntry) -> Path | None:
         dest = target / rel
         if e.is_symlink:
             link = os.fsdecode(store.get_bytes(e.digest))
+            if on_skip is not None and _leaves(rel, link):
+                on_skip(f"symlink {e.path} -> {link}: it points outside {target}")
+                return None
             if os.path.lexists(dest):
                 if os.path.isdir(dest) and not os.path.islink(dest):
                     raise ArtifactError(f"artifact path {e.path!r} is a directory in {target}")
@@ -304,7 +379,7 @@ def materialize(
             return dest
         if not _is_there(dest, e):
             store.get_file(e.digest, dest)
-        os.chmod(dest, stat.S_IMODE(e.mode) if e.mode else 0o644)
+        os.chmod(dest, stat.S_IMODE(e.mode) & SAFE_MODE if e.mode else 0o644)
         return dest
 
     files = [(r, e) for r, e in zip(rels, entries, strict=True) if not e.is_symlink]
@@ -315,7 +390,9 @@ def materialize(
         futures = {pool.submit(write, r, e): e for r, e in files}
         try:
             for n, future in enumerate(as_completed(futures), 1):
-                out.append(future.result())
+                written = future.result()
+                if written is not None:
+                    out.append(written)
                 e = futures[future]
                 done_bytes += e.size
                 if on_progress is not None:
@@ -325,8 +402,18 @@ def materialize(
                 f.cancel()
             raise
     for n, (r, e) in enumerate(links, len(files) + 1):
-        out.append(write(r, e))
+        made_link = write(r, e)
+        if made_link is not None:
+            out.append(made_link)
         done_bytes += e.size
         if on_progress is not None:
             on_progress(Progress(e.path, n, len(entries), done_bytes, total_bytes))
     return sorted(out)
+
+
+def _leaves(rel: PurePosixPath, link: str) -> bool:
+    """Whether a symlink at `rel` pointing at `link` resolves (lexically) outside the folder `rel` is in."""
+    if link.startswith("/"):
+        return True
+    resolved = os.path.normpath(os.path.join(str(rel.parent), link))
+    return resolved == ".." or resolved.startswith("../")

@@ -293,6 +293,8 @@ class Orchestrator:
             except DstackError as e:
                 self._fail(job, f"saving artifacts failed: {e}")
                 return
+            if job.runner != "local":
+                self._mirror_log(runner, job)  # what collecting added to the job's log
             name = f"jobs/{job.id}/attempt-{job.attempt}"
             self.store.put_manifest(name, manifest)
             rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]

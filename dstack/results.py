@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,28 +39,38 @@ def list_artifacts(state: State, run: Run) -> list[RunArtifact]:
 
 
 def download_artifacts(
-    state: State, run: Run, target: Path, path: str | None = None, on_progress: OnProgress | None = None
+    state: State,
+    run: Run,
+    target: Path,
+    path: str | None = None,
+    on_progress: OnProgress | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Restore the run's artifacts (or those under `path`) into `target`, every digest checked."""
-    from dstack.artifacts import restore_artifacts, select_entries
+    """Restore the run's artifacts (or those under `path`) into `target`, every digest checked.
+
+    Symlinks that would point outside `target` are not made; `on_skip` hears about each.
+    """
+    from dstack.artifacts import BadObjectError, restore_artifacts, select_entries
     from dstack.store import open_object_store
     from dstack.store.objects import Manifest
 
     store = open_object_store(state)
-    manifests = []
+    latest: dict[str, object] = {}  # a path saved by several jobs: the later job's file wins
+    owner: dict[str, str] = {}
     for job in state.jobs(run.id):
         if job.manifest:
-            manifests.append(store.get_manifest(job.manifest))
-    latest: dict[str, object] = {}  # a path saved by several jobs: the later job's file wins
-    for m in manifests:
-        for e in m.entries:
-            latest[e.path] = e
+            for e in store.get_manifest(job.manifest).entries:
+                latest[e.path], owner[e.path] = e, f"{job.workflow} ({job.id})"
     merged = Manifest(entries=list(latest.values()))  # type: ignore[arg-type]
     if not merged.entries:
         raise ArtifactError(f"run {run.name} has no artifacts", hint="declare `artifacts:` in the workflow")
     select_entries(merged, path)  # NotFoundError naming the path if nothing is under it
     target.mkdir(parents=True, exist_ok=True)
-    return restore_artifacts(merged, store, target, subpath=path, on_progress=on_progress)
+    try:
+        return restore_artifacts(merged, store, target, path, on_progress, on_skip or (lambda _: None))
+    except BadObjectError as e:
+        where = f"run {run.name}, job {owner.get(e.path, '?')}: "
+        raise BadObjectError(e.path, e.error, where) from e
 
 
 @dataclass

@@ -196,6 +196,11 @@ class LocalRunner(Runner):
 
         base = self.job_dir(job_id) / "work" / working_subdir / spec.working_dir
         result = save_artifacts(base, [a.path for a in spec.artifacts], store)
+        if result.skipped:  # the job's log says what was not saved
+            from dstack.artifacts import skip_notes
+
+            with open(self.log_path(job_id), "ab") as log:
+                log.write(skip_notes(result.skipped))
         return result.manifest, result.missing
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:

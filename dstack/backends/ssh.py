@@ -220,7 +220,7 @@ class SSHRunner(Runner):
         s3 = direct.s3_store(store)
         if s3 is not None and declared:
             if self._no_put is None:
-                done = self._put_to_bucket(s3, base, declared, remote)
+                done = self._put_to_bucket(s3, jd, base, declared, remote)
                 if done is not None:
                     return done
             log.info("%s: artifacts of %s go over SSH: %s", self.name, job_id, self._no_put)
@@ -232,10 +232,18 @@ class SSHRunner(Runner):
             self._cache_on_host(jd, base, result.manifest.entries, present)
         self.last_collect.files = len(result.manifest.entries)
         self.last_collect.objects_over_ssh = result.new_objects
+        self._note_skipped(jd, result.skipped)
         return result.manifest, [d for d, r in zip(declared, remote, strict=True) if r in missing]
 
+    def _note_skipped(self, jd: str, skipped: list[str]) -> None:
+        """Append to the job's log what its artifacts had that can't be saved (FIFOs, sockets, devices)."""
+        from dstack.artifacts import skip_notes
+
+        if skipped:
+            self.conn.run(f"cat >> {shlex.quote(jd)}/log", input=skip_notes(skipped), timeout=30)
+
     def _put_to_bucket(
-        self, s3: S3ObjectStore, base: str, declared: list[str], remote: list[str]
+        self, s3: S3ObjectStore, jd: str, base: str, declared: list[str], remote: list[str]
     ) -> tuple[Manifest, list[str]] | None:
         """Have the host hash its artifacts into its cache and upload what the bucket lacks itself.
 
@@ -252,7 +260,7 @@ class SSHRunner(Runner):
             for d, r in zip(declared, remote, strict=True)
         ]
         try:
-            saved = direct.save_on_host(self.conn, self.root, paths)
+            saved = direct.save_on_host(self.conn, self.root, paths, top=base)
         except RemoteCommandError as err:
             self._no_put = f"the host can't hash its artifacts: {err.output.strip()[-200:] or err}"
             return None
@@ -288,6 +296,7 @@ class SSHRunner(Runner):
             result.objects_over_ssh = len(failed)
             self._upload_from_cache(sorted(failed), s3)
         self.last_collect = result
+        self._note_skipped(jd, saved.skipped)
         log.info(
             "%s: artifacts: %d files hashed with %s, %d new objects (%s) uploaded by the host to %s%s",
             self.name,

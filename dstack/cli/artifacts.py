@@ -49,6 +49,7 @@ def download(
     output: Path = typer.Option(Path("."), "-o", "--output", help="Where to put them."),
 ) -> None:
     """Download a run's artifacts, every file checked against its digest."""
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from dstack.cli import ui
@@ -72,5 +73,8 @@ def download(
                     task, completed=getattr(p, "done_bytes", 0), total=getattr(p, "total_bytes", 0)
                 )
 
-            files = download_artifacts(state, run_, output, path, on_progress=on_progress)
+            skipped: list[str] = []
+            files = download_artifacts(state, run_, output, path, on_progress, skipped.append)
+    for what in skipped:
+        ui.info(f"[yellow]Skipped[/yellow] {escape(what)}")
     ui.info(f"Downloaded {len(files)} file(s) of {run_.name} to {output}")

@@ -153,14 +153,25 @@ def ingest(source, is_link):
         if os.path.exists(tmp):
             os.unlink(tmp)
 
-def collect(source, base, found):
-    st = os.stat(source)
-    if stat.S_ISREG(st.st_mode):
+SPECIAL = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+           stat.S_IFBLK: "block device"}
+
+def shown(path):
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+def special(st, entry):
+    return "%s %s" % (SPECIAL.get(stat.S_IFMT(st.st_mode), "special file"), shown(entry))
+
+def collect(source, base, found, skipped):
+    # symlinks are kept as links (the declared path too), never followed
+    st = os.lstat(source)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
         if not base:
             raise ValueError("can't save %s as an artifact without a name" % source)
-        found.append((base, source, st, False))
+        found.append((base, source, st, stat.S_ISLNK(st.st_mode)))
         return
     if not stat.S_ISDIR(st.st_mode):
+        skipped.append(special(st, base))
         return
     def error(e):
         raise e
@@ -175,7 +186,23 @@ def collect(source, base, found):
                 found.append((entry, path, lst, True))
             elif stat.S_ISREG(lst.st_mode):
                 found.append((entry, path, lst, False))
+            elif not stat.S_ISDIR(lst.st_mode):
+                skipped.append(special(lst, entry))
         dirnames.sort()
+
+def check_source(declared, source, top):
+    if os.path.isabs(declared) or not top:
+        return
+    parent, top = os.path.realpath(os.path.dirname(source)), os.path.realpath(top)
+    if parent != top and not parent.startswith(top + os.sep):
+        raise ValueError("it goes through a symlink out of the working directory")
+
+def check_names(found):
+    for entry, _, _, _ in found:
+        try:
+            entry.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("can't save '%s': its name is not valid UTF-8 (rename the file)" % shown(entry))
 
 answer = {"hasher": hasher_name}
 pool = ThreadPoolExecutor(max_workers=8)
@@ -192,15 +219,21 @@ elif mode == "save":
     if hasher is None:
         sys.stderr.write("no BLAKE3 hasher (python3 -m pip install blake3, or b3sum)\n")
         sys.exit(3)
-    found, missing = [], []
+    found, missing, skipped = [], [], []
     try:
         for declared, source, base in req["paths"]:
-            if not os.path.exists(source):
+            if not os.path.lexists(source):
                 missing.append(declared)
                 continue
-            collect(source, base, found)
+            check_source(declared, source, req.get("top"))
+            collect(source, base, found, skipped)
     except (OSError, ValueError) as e:
         sys.stderr.write("can't read artifact %s: %s\n" % (declared, getattr(e, "strerror", None) or e))
+        sys.exit(2)
+    try:
+        check_names(found)
+    except ValueError as e:
+        sys.stderr.write("%s\n" % e)
         sys.exit(2)
     def one(f):
         entry, source, st, is_link = f
@@ -213,6 +246,7 @@ elif mode == "save":
         sys.stderr.write("can't read %s: %s\n" % (e.filename, e.strerror or e))
         sys.exit(2)
     answer["missing"] = missing
+    answer["skipped"] = skipped
 elif mode == "put":
     def one(item):
         digest, size, url, sha = item
@@ -263,6 +297,7 @@ class Saved:
     entries: list[SavedEntry]
     missing: list[str]
     hasher: str
+    skipped: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: "FIFO out/pipe"
 
 
 @dataclass
@@ -329,15 +364,18 @@ def fetch_objects(
     )
 
 
-def save_on_host(conn: Connection, root: str, paths: list[tuple[str, str, str]]) -> Saved | None:
+def save_on_host(
+    conn: Connection, root: str, paths: list[tuple[str, str, str]], top: str = ""
+) -> Saved | None:
     """Hash the artifact files into the host's cache: (declared, absolute source, manifest base) triples.
 
+    `top`: the job's working directory (relative declared paths may not leave it through a symlink).
     None if the host can't compute BLAKE3; ArtifactError if a file can't be read.
     """
     from dstack.errors import RemoteCommandError
 
     try:
-        answer = _answer(conn, "save", root, {"paths": [list(p) for p in paths]})
+        answer = _answer(conn, "save", root, {"paths": [list(p) for p in paths], "top": top})
     except RemoteCommandError as e:
         if e.returncode == NO_HASHER:
             return None
@@ -347,7 +385,9 @@ def save_on_host(conn: Connection, root: str, paths: list[tuple[str, str, str]])
     entries = []
     for path, size, mode, digest, sha in answer.get("entries") or []:
         entries.append(SavedEntry(str(path), int(size), int(mode), str(digest), str(sha)))
-    return Saved(entries, [str(m) for m in answer.get("missing") or []], str(answer.get("hasher")))
+    missing = [str(m) for m in answer.get("missing") or []]
+    skipped = [str(m) for m in answer.get("skipped") or []]
+    return Saved(entries, missing, str(answer.get("hasher")), skipped)
 
 
 def _last_line(e: Exception) -> str:

@@ -47,7 +47,7 @@ for rec in sys.stdin.buffer.read().split(b"\0"):
             os.symlink(f.read(), dest)
     else:
         shutil.copyfile(src, dest)
-        os.chmod(dest, mode & 0o7777)
+        os.chmod(dest, mode & 0o755)  # no setuid/setgid/sticky, no group/other write
 """
 
 _MATERIALIZE_SH = r"""
@@ -59,7 +59,7 @@ while IFS=' ' read -r -d '' digest mode path; do
   if [ "$(( 0$mode & 0170000 ))" -eq "$(( 0120000 ))" ]; then
     ln -s "$(cat "$objects/$digest")" "$dest"
   else
-    cp "$objects/$digest" "$dest" && chmod "$(printf %o $(( 0$mode & 07777 )))" "$dest"
+    cp "$objects/$digest" "$dest" && chmod "$(printf %o $(( 0$mode & 0755 )))" "$dest"
   fi
 done
 """
@@ -213,8 +213,19 @@ def download_paths(conn: Connection, base: str, paths: list[str], dest: Path) ->
     if not paths:
         return []
     checks = " ".join(shlex.quote(p if p.startswith("/") else f"{base}/{p}") for p in paths)
-    found = conn.run(f'for p in {checks}; do [ -e "$p" ] && echo 1 || echo 0; done').stdout.split()
-    present = [p for p, ok in zip(paths, found, strict=False) if ok == "1"]
+    # 1: there, 0: not there, 2: a relative path whose folder is outside `base` (through a symlink)
+    found = conn.run(
+        f"top=$(cd {shlex.quote(base)} 2>/dev/null && pwd -P); for p in {checks}; do "
+        'if [ -e "$p" ] || [ -L "$p" ]; then d=$(cd "$(dirname "$p")" 2>/dev/null && pwd -P); '
+        'case "$d/" in "$top"/*) echo 1;; *) echo 2;; esac; else echo 0; fi; done'
+    ).stdout.split()
+    for p, ok in zip(paths, found, strict=False):
+        if ok == "2" and not p.startswith("/"):
+            raise ArtifactError(
+                f"artifact path {p!r} goes through a symlink out of the working directory",
+                hint="declare the absolute path instead if it is really meant",
+            )
+    present = [p for p, ok in zip(paths, found, strict=False) if ok in ("1", "2")]
     missing = [p for p, ok in zip(paths, found, strict=False) if ok != "1"]
     relative = [p for p in present if not p.startswith("/")]
     absolute = [p.lstrip("/") for p in present if p.startswith("/")]

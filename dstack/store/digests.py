@@ -68,6 +68,8 @@ class DigestCache:
         """The digest of the file at `path`: cached if its stat is unchanged, else computed and cached."""
         name = _abspath(path)
         st = st if st is not None else os.stat(name)
+        if not _storable(name):
+            return digest_file(Path(name))
         with self._lock:
             row = self._db.execute(
                 "SELECT size, mtime_ns, ctime_ns, inode, digest FROM digests WHERE path = ?", (name,)
@@ -92,7 +94,7 @@ class DigestCache:
             return []
         if under is None:
             under = os.path.commonpath(names) if len(names) > 1 else names[0]
-        known = self._rows_under(under)
+        known = self._rows_under(under) if _storable(under) else {}
         out: list[str] = []
         misses: list[int] = []
         for i, (name, st) in enumerate(zip(names, sts, strict=True)):
@@ -136,7 +138,7 @@ class DigestCache:
         if _key(after) != _key(st):
             return self._compute(name, after)  # changed while we read it
         racy = time.time_ns() - st.st_mtime_ns < self.racy_window_ns
-        if stat.S_ISREG(st.st_mode) and not racy:
+        if stat.S_ISREG(st.st_mode) and not racy and _storable(name):
             with self._lock:
                 self._pending.append((name, *_key(st), digest))
                 full = len(self._pending) >= _FLUSH_EVERY
@@ -206,3 +208,12 @@ class DigestCache:
 def _abspath(path: str | os.PathLike[str]) -> str:
     name = os.fspath(path)
     return name if os.path.isabs(name) else os.path.abspath(name)
+
+
+def _storable(name: str) -> bool:
+    """Whether SQLite can hold the path as text (a name that isn't UTF-8 is hashed but not cached)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
