@@ -195,7 +195,9 @@ def check_source(declared, source, top):
         return
     parent, top = os.path.realpath(os.path.dirname(source)), os.path.realpath(top)
     if parent != top and not parent.startswith(top + os.sep):
-        raise ValueError("it goes through a symlink out of the working directory")
+        out = "artifact path '%s' goes through a symlink out of the working directory\n"
+        sys.stderr.write(out % declared)
+        sys.exit(2)
 
 def check_names(found):
     for entry, _, _, _ in found:
