@@ -226,7 +226,7 @@ def download_paths(conn: Connection, base: str, paths: list[str], dest: Path) ->
                 hint="declare the absolute path instead if it is really meant",
             )
     present = [p for p, ok in zip(paths, found, strict=False) if ok in ("1", "2")]
-    missing = [p for p, ok in zip(paths, found, strict=False) if ok != "1"]
+    missing = [p for p, ok in zip(paths, found, strict=False) if ok not in ("1", "2")]
     relative = [p for p in present if not p.startswith("/")]
     absolute = [p.lstrip("/") for p in present if p.startswith("/")]
     dest.mkdir(parents=True, exist_ok=True)
