@@ -136,23 +136,24 @@ class SSHDFactory:
         _keygen(path / "host_ed25519")
         return path
 
-    def _config(self, path: Path, host: str, port: int) -> None:
+    def _config(self, path: Path, host: str, port: int, sftp: bool = True) -> None:
         (path / "sshd_config").write_text(
             f"Port {port}\nListenAddress {host}\nHostKey {path}/host_ed25519\nPidFile {path}/sshd.pid\n"
             f"AuthorizedKeysFile {path}/authorized_keys/%u\nStrictModes no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-            "Subsystem sftp internal-sftp\nAllowTcpForwarding yes\nMaxSessions 64\nMaxStartups 100\n"
+            + ("Subsystem sftp internal-sftp\n" if sftp else "")
+            + "AllowTcpForwarding yes\nMaxSessions 64\nMaxStartups 100\n"
             "ClientAliveInterval 0\nLogLevel ERROR\n"
             # each server is its own machine: ~/.dstack there (caches, jobs) is not the tester's
             f"SetEnv HOME={path}/home\n"
         )
         (path / "home").mkdir(exist_ok=True)
 
-    def loopback(self, port: int | None = None) -> SSHServer:
-        """An sshd on 127.0.0.1 at a free port."""
+    def loopback(self, port: int | None = None, sftp: bool = True) -> SSHServer:
+        """An sshd on 127.0.0.1 at a free port (`sftp=False`: without the SFTP subsystem, as hardened boxes)."""
         path = self._server_dir()
         port = port or _free_port()
-        self._config(path, "127.0.0.1", port)
+        self._config(path, "127.0.0.1", port, sftp=sftp)
         server = SSHServer("127.0.0.1", port, self.user, self.client_key, path)
         server.start()
         self.servers.append(server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -341,3 +342,60 @@ def test_a_stream_into_a_failing_command_reports_it(sshd: SSHServer) -> None:
     with pytest.raises(RemoteCommandError, match="exited with 5: nope"):
         conn.run_with_writer("echo nope; exit 5", write)
     assert conn.is_alive() and conn.run("echo still").stdout == "still\n"
+
+
+# --- hosts that behave oddly ----------------------------------------------------------------------------
+
+
+def test_a_host_that_accepts_then_resets_is_one_line_error(make_repo) -> None:
+    import socket
+    import threading
+
+    from helpers import dstack
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def reset_all() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            client.close()
+
+    thread = threading.Thread(target=reset_all, daemon=True)
+    thread.start()
+    try:
+        res = dstack("hosts", "add", f"root@127.0.0.1:{port}", "--yes", cwd=make_repo(), check=False)
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+    assert res.code == 6
+    assert res.err.strip().splitlines() == [res.err.strip()], res.err  # one line, no paramiko traceback
+    assert res.err.startswith(f"Error: cannot reach 127.0.0.1 at 127.0.0.1:{port}: no SSH banner")
+    assert "MaxStartups" in res.err and "Traceback" not in res.err and "Exception" not in res.err
+
+
+def test_logs_come_over_exec_where_sshd_has_no_sftp(sshd_factory: SSHDFactory, make_repo, tmp_path) -> None:
+    from helpers import dstack
+
+    server = sshd_factory.loopback(sftp=False)
+    conn = connect(server, accept=yes())
+    (tmp_path / "log").write_bytes(b"0123456789" * 3)
+    assert process.read_file(conn, str(tmp_path / "log"), 5, limit=7) == b"5678901"
+    assert process.read_file(conn, str(tmp_path / "log"), 30) == b""
+    assert process.read_file(conn, str(tmp_path / "nope"), 0) == b""
+    assert conn.has_sftp is False and conn.is_alive()
+    close_all()
+
+    repo = make_repo(
+        {".dstack/workflows.yaml": "workflows:\n  - name: hi\n    commands: [echo one, echo two]\n"}
+    )
+    dstack("hosts", "add", server.address, "--name", "hard", "-i", str(server.key), "--yes", cwd=repo)
+    res = dstack("run", "hi", "--host", "hard", cwd=repo, timeout=60)
+    assert "one" in res.out and "two" in res.out
+    assert (
+        "two" in dstack("logs", json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"], cwd=repo).out
+    )

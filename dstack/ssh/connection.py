@@ -125,6 +125,10 @@ def _save(keys: paramiko.HostKeys, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class NoSFTPError(HostError):
+    """The host's sshd offers no SFTP subsystem (hardened or minimal images): callers use exec instead."""
+
+
 @dataclass
 class Result:
     """What a remote command did."""
@@ -153,6 +157,7 @@ class Connection:
         self._channels = threading.BoundedSemaphore(MAX_CHANNELS)
         self._open_lock = threading.Lock()
         self.host_key: str | None = None  # `<keytype> <base64>` after connecting
+        self.has_sftp: bool | None = None  # None: not tried yet
 
     # connecting
 
@@ -160,6 +165,7 @@ class Connection:
         """Connect and authenticate; pin the host key the first time if `accept` says yes."""
         import paramiko
 
+        _quiet_paramiko()
         target = self.target
         sock: Any = None
         if target.proxy_jump:
@@ -228,10 +234,14 @@ class Connection:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
             self._close_jump()
-            raise HostError(
-                f"cannot reach {self.name} at {target.describe()}: {_why(exc)}",
-                hint="check that the host is up, the port is right and sshd runs there",
-            ) from exc
+            hint = "check that the host is up, the port is right and sshd runs there"
+            if "protocol banner" in str(exc):
+                hint = (
+                    "check that sshd (not another service) listens on that port and lets this machine in"
+                    " (MaxStartups, /etc/hosts.allow, fail2ban)"
+                )
+            why = _why(exc)
+            raise HostError(f"cannot reach {self.name} at {target.describe()}: {why}", hint=hint) from exc
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(KEEPALIVE_SECONDS)
@@ -439,11 +449,19 @@ class Connection:
 
         with self._sftp_lock:
             if self._sftp is None:
+                if self.has_sftp is False:
+                    raise NoSFTPError(f"{self.name} has no SFTP subsystem")
                 try:
-                    self._sftp = paramiko.SFTPClient.from_transport(self.transport)
-                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    self._sftp = self._open_sftp()
+                except paramiko.SSHException as exc:
+                    if not self.is_alive():
+                        self._lost(exc)
+                    self.has_sftp = False  # refused, on a live connection: sshd has no `Subsystem sftp`
+                    raise NoSFTPError(f"{self.name} has no SFTP subsystem: {_why(exc)}") from exc
+                except (OSError, EOFError) as exc:
                     self._lost(exc)
                 assert self._sftp is not None
+                self.has_sftp = True
                 channel = self._sftp.get_channel()
                 if channel is not None:  # a dead link must show within the 30 s a lost host is noticed in
                     channel.settimeout(SFTP_TIMEOUT)
@@ -455,6 +473,17 @@ class Connection:
             except paramiko.SSHException as exc:
                 self._sftp = None
                 self._lost(exc)
+
+    def _open_sftp(self) -> paramiko.SFTPClient:
+        import paramiko
+
+        chan = self.transport.open_session(timeout=SFTP_TIMEOUT)
+        try:
+            chan.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(chan)
+        except BaseException:
+            chan.close()
+            raise
 
     @property
     def home(self) -> str:
@@ -507,8 +536,18 @@ def _why(exc: BaseException) -> str:
     if "Unable to connect" in text:
         return "connection refused"
     if "Error reading SSH protocol banner" in text:
-        return "no SSH server answered (wrong port?)"
+        return "no SSH banner: the connection was closed or went silent before the SSH handshake"
     return text
+
+
+def _quiet_paramiko() -> None:
+    """Keep paramiko's transport thread from printing its own tracebacks (through logging's last resort)
+    to the terminal: its failures reach the caller as one HostError."""
+    import logging
+
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 # the pool: one connection per target per process

@@ -89,14 +89,31 @@ def _state(words: list[str], directory: str) -> ProcessState:
 
 
 def read_file(conn: Connection, path: str, offset: int, limit: int = MAX_LOG_CHUNK) -> bytes:
-    """Up to `limit` bytes of the file from `offset` on (b'' if it is not there yet)."""
-    with conn.sftp() as sftp:
+    """Up to `limit` bytes of the file from `offset` on (b'' if it is not there yet).
+
+    Over SFTP; over the exec channel (`tail | head`) where the host's sshd has no SFTP subsystem.
+    """
+    from dstack.ssh.connection import NoSFTPError
+
+    if conn.has_sftp is not False:
         try:
-            with sftp.open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
+            with conn.sftp() as sftp:
+                try:
+                    with sftp.open(path, "rb") as f:
+                        f.seek(offset)
+                        return f.read(limit)
+                except FileNotFoundError:
+                    return b""
+        except NoSFTPError:
+            pass
+    chunks: list[bytes] = []
+    q = shlex.quote(path)
+    conn.run_with_reader(
+        f"[ -f {q} ] || exit 0; tail -c +{int(offset) + 1} {q} | head -c {int(limit)}",
+        lambda out: chunks.append(out.read()),
+        timeout=POLL_TIMEOUT * 3,
+    )
+    return b"".join(chunks)
 
 
 def stop(conn: Connection, directory: str, grace: float = 5.0) -> None:
