@@ -244,11 +244,18 @@ def save_artifacts(
     return result
 
 
-def skip_notes(skipped: list[str]) -> bytes:
-    """The lines a job's log gets for what `save_artifacts` skipped: `dstack: skipped FIFO out/pipe …`."""
-    return "".join(
-        f"dstack: skipped {what} (not a file, folder or symlink: not saved)\n" for what in skipped
-    ).encode()
+_NOTED: set[tuple[str, str]] = set()  # (job id, what): noted once per process, however often it is saved
+
+
+def skip_notes(job_id: str, skipped: list[str]) -> bytes:
+    """The lines a job's log gets for what `save_artifacts` skipped (`dstack: skipped FIFO out/pipe …`),
+    each once: real-time artifacts are saved again and again."""
+    lines = []
+    for what in skipped:
+        if (job_id, what) not in _NOTED:
+            _NOTED.add((job_id, what))
+            lines.append(f"dstack: skipped {what} (not a file, folder or symlink: not saved)\n")
+    return "".join(lines).encode()
 
 
 def manifest_from_path(src: Path, store: ObjectStore) -> Manifest:

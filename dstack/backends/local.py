@@ -200,7 +200,7 @@ class LocalRunner(Runner):
             from dstack.artifacts import skip_notes
 
             with open(self.log_path(job_id), "ab") as log:
-                log.write(skip_notes(result.skipped))
+                log.write(skip_notes(job_id, result.skipped))
         return result.manifest, result.missing
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:

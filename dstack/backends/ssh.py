@@ -239,8 +239,9 @@ class SSHRunner(Runner):
         """Append to the job's log what its artifacts had that can't be saved (FIFOs, sockets, devices)."""
         from dstack.artifacts import skip_notes
 
-        if skipped:
-            self.conn.run(f"cat >> {shlex.quote(jd)}/log", input=skip_notes(skipped), timeout=30)
+        notes = skip_notes(posixpath.basename(jd), skipped)
+        if notes:
+            self.conn.run(f"cat >> {shlex.quote(jd)}/log", input=notes, timeout=30)
 
     def _put_to_bucket(
         self, s3: S3ObjectStore, jd: str, base: str, declared: list[str], remote: list[str]
