@@ -132,3 +132,15 @@ def test_a_home_open_to_others_is_tightened(make_repo, dstack_home: Path) -> Non
     dstack("runs", cwd=repo)
     assert stat.S_IMODE(dstack_home.stat().st_mode) == 0o700
     assert stat.S_IMODE((dstack_home / "state.sqlite").stat().st_mode) == 0o600
+
+
+def test_a_repo_file_whose_name_is_not_utf8_is_a_one_line_error(make_repo) -> None:
+    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS})
+    with open(os.fsencode(repo) + b"/data-\xff.bin", "wb") as f:  # untracked: part of the run's repo state
+        f.write(b"x")
+    res = dstack("run", "links", cwd=repo, check=False)
+    assert res.code == 5, res.output
+    assert res.err.strip() == (
+        "Error: can't save 'data-\\xff.bin': its name is not valid UTF-8 — rename the file (dstack keeps file"
+        " names as UTF-8)"
+    )

@@ -289,3 +289,41 @@ def test_many_files_in_parallel(store: ObjectStore, tmp_path: Path) -> None:
     assert len(result.manifest.entries) == 300 and result.new_objects == 150
     restore_artifacts(result.manifest, store, tmp_path / "t")
     assert (tmp_path / "t" / "out" / "7" / "157.txt").read_text() == "file 7"
+
+
+def test_links_stay_links_and_restores_drop_setuid(store: ObjectStore, tmp_path: Path) -> None:
+    w = tmp_path / "job"
+    _file(w / "out" / "tool", "#!/bin/sh\n", mode=0o6777)
+    (w / "out" / "etc").symlink_to("/etc")
+    (w / "out" / "up").symlink_to("../../secret")
+    (w / "out" / "near").symlink_to("tool")
+    (w / "etcdir").symlink_to("/etc")
+    os.mkfifo(w / "out" / "pipe")
+    result = save_artifacts(w, ["out", "etcdir"], store)
+    assert [e.path for e in result.manifest.entries] == [
+        "etcdir",
+        "out/etc",
+        "out/near",
+        "out/tool",
+        "out/up",
+    ]
+    assert result.skipped == ["FIFO out/pipe"]
+    skipped: list[str] = []
+    target = tmp_path / "t"
+    restore_artifacts(result.manifest, store, target, on_skip=skipped.append)
+    assert [s.split(":")[0] for s in skipped] == ["symlink etcdir -> /etc", "symlink out/etc -> /etc",
+                                                   "symlink out/up -> ../../secret"]  # fmt: skip
+    assert os.readlink(target / "out" / "near") == "tool"
+    assert stat.S_IMODE((target / "out" / "tool").stat().st_mode) == 0o755
+    with pytest.raises(ArtifactError, match="'etcdir/passwd' goes through a symlink out of the working"):
+        save_artifacts(w, ["etcdir/passwd"], store)
+
+
+def test_a_corrupt_object_names_the_artifact_file(
+    store_and_tamper: tuple[ObjectStore, Tamper], tmp_path: Path
+) -> None:
+    store, tamper = store_and_tamper
+    result = save_artifacts(_workdir(tmp_path), ["metrics.json"], store)
+    tamper(result.manifest.entries[0].digest, b"evil")
+    with pytest.raises(ArtifactError, match="artifact file 'metrics.json': object [0-9a-f]{64} is corrupt"):
+        restore_artifacts(result.manifest, store, tmp_path / "t")
