@@ -60,6 +60,7 @@ def main() -> None:
 
     if "--debug" in sys.argv[1:]:
         DEBUG["on"] = True
+    _configure_logging(DEBUG["on"])
     try:
         app()
     except DstackError as e:
@@ -74,3 +75,15 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("\nInterrupted\n")
         sys.exit(130)
+
+
+def _configure_logging(debug: bool) -> None:
+    """Library loggers (paramiko, urllib3, botocore, docker) stay off the terminal, unless --debug."""
+    import logging
+
+    root = logging.getLogger()
+    if debug:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
+        return
+    root.addHandler(logging.NullHandler())  # a handler on root: records never fall to logging.lastResort
+    logging.lastResort = None
