@@ -81,9 +81,7 @@ def _configure_logging(debug: bool) -> None:
     """Library loggers (paramiko, urllib3, botocore, docker) stay off the terminal, unless --debug."""
     import logging
 
-    root = logging.getLogger()
-    if debug:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
-        return
-    root.addHandler(logging.NullHandler())  # a handler on root: records never fall to logging.lastResort
-    logging.lastResort = None
+    if not debug:
+        # Records no handler takes fall to `lastResort`, which prints them: make it drop them instead.
+        # Root gets no handler, so a process that configures logging later (the orchestrator) still logs.
+        logging.lastResort = logging.NullHandler()

@@ -91,13 +91,13 @@ class Project:
 
     def check_files(self) -> None:
         """Raise the first `.dstack/` file that can't be read as a file (a directory, FIFO, dangling link)."""
-        from dstack.workflows.yamlfile import config_file_problem
+        from dstack.workflows.yamlfile import NOT_A_FILE_HINT, config_file_problem
 
         names = ("configs.yaml", "variables.yaml", "providers.yaml", "config.yaml")
         for path in [*self._workflow_files(), *(self.folder / n for n in names if _present(self.folder / n))]:
             problem = config_file_problem(path)
             if problem is not None:
-                raise ConfigError(problem, file=self._display(path), hint="make it a regular YAML file")
+                raise ConfigError(problem, file=self._display(path), hint=NOT_A_FILE_HINT)
 
     def _read_workflows_file(self, path: Path) -> None:
         file = self._display(path)

@@ -24,6 +24,7 @@ _FLOAT = "tag:yaml.org,2002:float"
 _SCALAR_TAGS = {_STR, _NULL, _BOOL, _FLOAT, "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp", _MERGE}
 MAX_ALIAS_NODES = 50_000
 MAX_DEPTH = 200
+NOT_A_FILE_HINT = "make it a regular YAML file, or remove it"
 
 
 class YMap(dict):
@@ -116,7 +117,7 @@ def read_config_file(path: Path, display: str) -> bytes:
                     return f.read()
                 except OSError as e:
                     raise ConfigError(f"can't be read: {e.strerror}", file=display) from e
-    raise ConfigError(problem, file=display, hint="make it a regular YAML file, or remove it")
+    raise ConfigError(problem, file=display, hint=NOT_A_FILE_HINT)
 
 
 def parse_yaml(text: str, display: str) -> Any:
