@@ -289,6 +289,13 @@ def test_a_config_file_that_is_not_a_file_is_refused(
         )
 
 
+def test_an_editor_lock_link_next_to_workflow_files_is_ignored(make_repo: MakeRepo) -> None:
+    repo = make_repo({".dstack/workflows/a.yaml": "workflows:\n  - name: a\n    commands: [echo hi]\n"})
+    (repo / ".dstack" / "workflows" / ".#a.yaml").symlink_to("me@box.4242:1700000000")  # what Emacs leaves
+    assert "no problems" in dstack("validate", cwd=repo).output
+    assert "hi" in dstack("run", "a", cwd=repo).out
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
 def test_an_unreadable_variables_file_is_refused(make_repo: MakeRepo) -> None:
     repo = make_repo(

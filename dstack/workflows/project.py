@@ -86,7 +86,11 @@ class Project:
         files = [self.folder / n for n in ("workflows.yaml", "workflows.yml") if _present(self.folder / n)]
         folder = self.folder / "workflows"
         if folder.is_dir():
-            files += sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml"))
+            files += sorted(  # hidden special entries are editors' (Emacs' `.#x.yaml` lock links)
+                p
+                for p in folder.iterdir()
+                if p.suffix in (".yaml", ".yml") and (p.is_file() or not p.name.startswith("."))
+            )
         return files
 
     def check_files(self) -> None:
