@@ -46,34 +46,11 @@ def resolve_graph(
     order: list[Node] = []
     names = set(project.names())
 
-    def visit(name: str, path: list[str]) -> None:
-        if name in nodes:
-            return
-        if name in path:
-            cycle = " → ".join([*path[path.index(name) :], name])
-            raise ConfigError(
-                f"workflows depend on each other in a cycle: {cycle}", hint="remove one of these dependencies"
-            )
+    def make(name: str) -> Node:
         variables = project.variables(name)
         known_vars.update(variables)
         own = {k: v for k, v in overrides.items() if k in variables}
-        spec = project.job_spec(name, own, args if name == target else [])
-        node = Node(name, spec)
-        for dep in spec.depends_on:
-            if dep.tag is None and dep.workflow is not None:
-                if dep.workflow not in names:
-                    raise ConfigError(
-                        f"workflow '{name}' depends on '{dep.workflow}', "
-                        "which is not a workflow of this repo",
-                        hint=_near(dep.workflow, names) or "check `depends-on`",
-                    )
-                visit(dep.workflow, [*path, name])
-                if dep.workflow not in node.upstream:
-                    node.upstream.append(dep.workflow)
-            else:
-                node.tag_inputs.append(resolve_tag(state, dep, name))
-        nodes[name] = node
-        order.append(node)
+        return Node(name, project.job_spec(name, own, args if name == target else []))
 
     if target not in names:
         broken = project.load_errors()
@@ -83,7 +60,34 @@ def resolve_graph(
             f"no workflow named '{target}' in {project.root}/.dstack",
             hint=_near(target, names) or "see `dstack run --help` for the workflows",
         )
-    visit(target, [])
+    # Depth-first with an explicit stack (a chain of thousands of workflows is fine): [node, next dep].
+    stack: list[tuple[Node, int]] = [(make(target), 0)]
+    on_path = {target}
+    while stack:
+        node, i = stack[-1]
+        deps = node.spec.depends_on
+        if i == len(deps):
+            stack.pop()
+            on_path.discard(node.workflow)
+            nodes[node.workflow] = node
+            order.append(node)
+            continue
+        stack[-1] = (node, i + 1)
+        dep = deps[i]
+        if dep.tag is not None or dep.workflow is None:
+            node.tag_inputs.append(resolve_tag(state, dep, node.workflow))
+            continue
+        if dep.workflow not in names:
+            raise _missing(project, node.workflow, dep.workflow, names)
+        if dep.workflow not in node.upstream:
+            node.upstream.append(dep.workflow)
+        if dep.workflow in nodes:
+            continue
+        if dep.workflow in on_path:
+            path = [n.workflow for n, _ in stack]
+            raise _cycle(project, [*path[path.index(dep.workflow) :], dep.workflow])
+        on_path.add(dep.workflow)
+        stack.append((make(dep.workflow), 0))
     unknown = sorted(set(overrides) - known_vars)
     if unknown:
         hint = ", ".join(sorted(known_vars)) or "none"
@@ -91,6 +95,75 @@ def resolve_graph(
             f"unknown variable '--{unknown[0]}' for workflow '{target}'", hint=f"its variables: {hint}"
         )
     return order
+
+
+def dependency_problems(project: Project) -> list[ConfigError]:
+    """What `run` would refuse in the workflows' `depends-on` (read with default variables): workflows that
+    don't exist, a workflow depending on itself, cycles. Workflows that don't read at all are skipped."""
+    names = project.names()
+    known = set(names)
+    edges: dict[str, list[str]] = {}
+    problems: list[ConfigError] = []
+    for name in names:
+        spec = project.default_spec(name)
+        if spec is None:
+            continue
+        edges[name] = []
+        for dep in spec.depends_on:
+            if dep.tag is not None or dep.workflow is None:
+                continue
+            if dep.workflow not in known:
+                problems.append(_missing(project, name, dep.workflow, known))
+            elif dep.workflow == name:
+                problems.append(_cycle(project, [name, name]))
+            elif dep.workflow not in edges[name]:
+                edges[name].append(dep.workflow)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in edges:
+        if root in state:
+            continue
+        state[root] = 1
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            name, i = stack[-1]
+            out = edges.get(name, [])
+            if i == len(out):
+                stack.pop()
+                state[name] = 2
+                continue
+            stack[-1] = (name, i + 1)
+            up = out[i]
+            if state.get(up) == 1:
+                path = [n for n, _ in stack]
+                problems.append(_cycle(project, [*path[path.index(up) :], up]))
+            elif up not in state and up in edges:
+                state[up] = 1
+                stack.append((up, 0))
+    return problems
+
+
+def _missing(project: Project, name: str, dep: str, names: set[str]) -> ConfigError:
+    file, line = project.dependency_line(name)
+    return ConfigError(
+        f"workflow '{name}' depends on '{dep}', which is not a workflow of this repo",
+        file=file,
+        line=line,
+        hint=_near(dep, names) or "check `depends-on`",
+    )
+
+
+def _cycle(project: Project, cycle: list[str]) -> ConfigError:
+    file, line = project.dependency_line(cycle[-2])
+    if len(cycle) == 2:
+        return ConfigError(
+            f"workflow '{cycle[0]}' depends on itself", file=file, line=line, hint="remove that dependency"
+        )
+    return ConfigError(
+        f"workflows depend on each other in a cycle: {' → '.join(cycle)}",
+        file=file,
+        line=line,
+        hint="remove one of these dependencies",
+    )
 
 
 def resolve_tag(state: State, dep: DependencySpec, workflow: str) -> TagInput:

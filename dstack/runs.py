@@ -46,7 +46,7 @@ class CreatedRun:
 def create_run(state: State, req: RunRequest) -> CreatedRun:
     """Resolve the graph, snapshot the repo, and record the run with its jobs (reused ones done already)."""
     from dstack.graph import Node, compute_keys, resolve_graph
-    from dstack.names import run_name
+    from dstack.names import run_name, safe_id
     from dstack.store import open_object_store
 
     reproduce_of = None
@@ -70,6 +70,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         from dstack.workflows import load_project
 
         project = load_project(req.cwd)
+        project.check_files()  # before the snapshot, whose git would trip on a FIFO less clearly
         store = open_object_store(state, _project_store(project))
         repo = _snapshot(project.root, store)
     if req.host and req.host != "local":
@@ -125,7 +126,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     status_of: dict[str, str] = {}
     notices: list[str] = []
     for i, node in enumerate(nodes):
-        job_id = f"{name}-{node.workflow}".replace("/", "-")[:60] + f"-{uuid.uuid4().hex[:6]}"
+        job_id = f"{safe_id(f'{name}-{node.workflow}')}-{uuid.uuid4().hex[:6]}"
         ids[node.key] = job_id
         spec = node.spec
         if req.real_time_artifacts:

@@ -17,10 +17,12 @@ def add_tag(
     state: State, name: str, run_ref: str | None = None, from_path: Path | None = None, force: bool = False
 ) -> Tag:
     """Tag a finished run, or make a run holding `from_path`'s files and tag it."""
+    from dstack.names import name_hint, name_problem
     from dstack.store.state import Job, Run
 
-    if not name or ":" in name or "/" in name or name.startswith("-"):
-        raise UsageError(f"invalid tag name {name!r}", hint="use letters, digits, '-', '_' and '.'")
+    problem = name_problem(name, "tag")
+    if problem:
+        raise UsageError(problem, hint=name_hint(name))
     if from_path is not None:
         from dstack.artifacts import manifest_from_path
         from dstack.store import open_object_store

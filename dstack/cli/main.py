@@ -60,6 +60,7 @@ def main() -> None:
 
     if "--debug" in sys.argv[1:]:
         DEBUG["on"] = True
+    _configure_logging(DEBUG["on"])
     try:
         app()
     except DstackError as e:
@@ -74,3 +75,13 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("\nInterrupted\n")
         sys.exit(130)
+
+
+def _configure_logging(debug: bool) -> None:
+    """Library loggers (paramiko, urllib3, botocore, docker) stay off the terminal, unless --debug."""
+    import logging
+
+    if not debug:
+        # Records no handler takes fall to `lastResort`, which prints them: make it drop them instead.
+        # Root gets no handler, so a process that configures logging later (the orchestrator) still logs.
+        logging.lastResort = logging.NullHandler()

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from dstack.names import NAME_PATTERN
 from dstack.specs import ArtifactSpec, DependencySpec, PortsSpec, Resources, RetrySpec
 from dstack.workflows.yamlfile import scalar_text
 
@@ -92,7 +93,10 @@ _ARTIFACTS: dict[str, Any] = {
     },
 }
 _PORTS: dict[str, Any] = {
-    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "array", "items": {"type": "integer"}}]
+    "anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": 100},
+        {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}, "maxItems": 100},
+    ]
 }
 _RETRY: dict[str, Any] = {
     "anyOf": [
@@ -101,7 +105,7 @@ _RETRY: dict[str, Any] = {
         {
             "type": "object",
             "properties": {
-                "limit": {"type": "integer"},
+                "limit": {"type": "integer", "minimum": 0},
                 "on": {"type": "array", "items": {"enum": ["error", "interruption", "host-lost"]}},
             },
         },
@@ -118,6 +122,7 @@ RetryField = Annotated[Any, WithJsonSchema(_RETRY)]
 VersionField = Annotated[Any, WithJsonSchema(_VERSION)]
 StringsField = Annotated[Any, WithJsonSchema(_STRINGS)]
 NameField = Annotated[Any, WithJsonSchema({"type": "string"})]
+WorkflowNameField = Annotated[Text, WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
 TemplateField = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}]})]
 ListField = Annotated[Any, WithJsonSchema({"type": "array"})]
 
@@ -134,7 +139,7 @@ class RawResources(_Raw):
         json_schema_extra={"patternProperties": {"^[A-Za-z0-9_-]+/gpu$": {"type": "integer"}}},
     )
 
-    cpu: float | None = None
+    cpu: Annotated[float | None, Field(json_schema_extra={"exclusiveMinimum": 0})] = None
     memory: Text | None = Field(None, description="64GB, 512MB, 1.5GiB; a bare number is MiB")
     gpu: GpuField = None
     shm_size: Text | None = None
@@ -148,7 +153,7 @@ class RawResources(_Raw):
 class RawWorkflow(_Raw):
     """One item of `workflows:` as written by researchers, 2021–2023."""
 
-    name: Text
+    name: WorkflowNameField
     help: Text | None = None
     provider: NameField = None
     template: TemplateField = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import posixpath
 import re
 import shlex
@@ -26,6 +27,8 @@ _VERSION = re.compile(r"^\d+(\.\d+){0,2}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
 _SIZE_FACTORS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 _GPU_SHORT = re.compile(r"^([A-Za-z0-9_-]+)/gpu$", re.IGNORECASE)
+MAX_PORTS = 100
+_CLOSED_EXPR = re.compile(r"\$\{\{.*?\}\}")
 WORKFLOW_KEYS = field_keys(RawWorkflow)
 RESOURCE_KEYS = field_keys(RawResources)
 
@@ -103,6 +106,8 @@ class _Reader:
         self.item = item = self._merge_template(item)
         item = self.item = _canonical_keys(item, WORKFLOW_KEYS)
         self._check_keys(item, WORKFLOW_KEYS, "")
+        for text, line in _unclosed_expressions(item):
+            self.fail(f"unclosed '${{{{' in {text!r}", line, hint="close it with '}}', e.g. ${{ name }}")
         if isinstance(item.get("resources"), YMap):
             item["resources"] = self._resources_keys(item["resources"])
         try:
@@ -495,8 +500,8 @@ class _Reader:
                     "'nodes' must be at least 1", self.at("nodes") if raw.nodes else rlines.line_of("nodes")
                 )
             out.nodes = nodes
-        if out.cpu is not None and out.cpu <= 0:
-            self.fail("'resources.cpu' must be more than 0", rlines.line_of("cpu"))
+        if out.cpu is not None and not (math.isfinite(out.cpu) and out.cpu > 0):
+            self.fail(f"'resources.cpu' must be a number more than 0, not {out.cpu}", rlines.line_of("cpu"))
         return out
 
     def _gpu(self, value: Any, line: int) -> GpuSpec:
@@ -543,6 +548,8 @@ class _Reader:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if value > MAX_PORTS:
+                self.fail(f"'ports: {value}' asks for more than {MAX_PORTS} ports", line)
             return PortsSpec(count=value)
         if isinstance(value, YList):
             fixed = []
@@ -552,6 +559,8 @@ class _Reader:
                 if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                     self.fail(f"'ports[{i}]' {plain(port)!r} is not a port number", value.line_of(i))
                 fixed.append(port)
+            if len(fixed) > MAX_PORTS:
+                self.fail(f"'ports' lists more than {MAX_PORTS} ports", line)
             return PortsSpec(fixed=fixed)
         self.fail("'ports' must be a count (ports: 2) or a list of port numbers", line)
 
@@ -566,7 +575,10 @@ class _Reader:
             return RetrySpec(limit=value)
         if isinstance(value, YMap):
             self._check_keys(value, ["limit", "on"], "retry.")
-            return _validated(RetrySpec, plain(value), self.file, line, "retry")
+            spec: RetrySpec = _validated(RetrySpec, plain(value), self.file, line, "retry")
+            if spec.limit < 0:
+                self.fail(f"'retry.limit' must be 0 or more, not {spec.limit}", value.line_of("limit"))
+            return spec
         self.fail("'retry' must be true, a number of retries or {limit, on}", line)
 
     def _python_version(self) -> str | None:
@@ -619,3 +631,18 @@ def _validated(model: type[BaseModel], data: Any, file: str, line: int, where: s
         raise ConfigError(
             f"'{where}.{loc}': {first['msg'][0].lower()}{first['msg'][1:]}", file=file, line=line
         ) from None
+
+
+def _unclosed_expressions(item: YMap) -> list[tuple[str, int]]:
+    """Every string under `item` with a `${{` that no `}}` closes on its line, with its line."""
+    found: list[tuple[str, int]] = []
+    stack: list[tuple[Any, int]] = [(item, item.line)]
+    while stack:
+        value, line = stack.pop()
+        if isinstance(value, YMap):
+            stack.extend((v, value.line_of(k)) for k, v in value.items())
+        elif isinstance(value, YList):
+            stack.extend((v, value.line_of(i)) for i, v in enumerate(value))
+        elif isinstance(value, str) and "${{" in _CLOSED_EXPR.sub("", value):
+            found.append((value, line))
+    return sorted(found, key=lambda f: f[1])

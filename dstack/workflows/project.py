@@ -41,6 +41,19 @@ def _has_workflows(folder: Path) -> bool:
     return any((folder / n).exists() for n in ("workflows.yaml", "workflows.yml", "workflows"))
 
 
+def _present(path: Path) -> bool:
+    """Whether `path` is there in any form, a dangling link too (what is there but unreadable is an error)."""
+    return os.path.lexists(path)
+
+
+def _name_error(name: str, item: YMap, file: str) -> ConfigError | None:
+    from dstack.names import name_hint, name_problem
+
+    problem = name_problem(name, "workflow")
+    line = item.line_of("name" if "name" in item else "id")
+    return None if problem is None else ConfigError(problem, file=file, line=line, hint=name_hint(name))
+
+
 @dataclass
 class _Entry:
     name: str
@@ -60,6 +73,7 @@ class Project:
         self._templates: dict[str, YMap] = {}
         self._file_errors: list[ConfigError] = []
         self._errors: dict[str, ConfigError | None] = {}
+        self._specs: dict[str, JobSpec] = {}
         for path in self._workflow_files():
             self._read_workflows_file(path)
 
@@ -69,11 +83,25 @@ class Project:
         return path.relative_to(self.root).as_posix()
 
     def _workflow_files(self) -> list[Path]:
-        files = [self.folder / n for n in ("workflows.yaml", "workflows.yml") if (self.folder / n).is_file()]
+        files = [self.folder / n for n in ("workflows.yaml", "workflows.yml") if _present(self.folder / n)]
         folder = self.folder / "workflows"
         if folder.is_dir():
-            files += sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            files += sorted(  # hidden special entries are editors' (Emacs' `.#x.yaml` lock links)
+                p
+                for p in folder.iterdir()
+                if p.suffix in (".yaml", ".yml") and (p.is_file() or not p.name.startswith("."))
+            )
         return files
+
+    def check_files(self) -> None:
+        """Raise the first `.dstack/` file that can't be read as a file (a directory, FIFO, dangling link)."""
+        from dstack.workflows.yamlfile import NOT_A_FILE_HINT, config_file_problem
+
+        names = ("configs.yaml", "variables.yaml", "providers.yaml", "config.yaml")
+        for path in [*self._workflow_files(), *(self.folder / n for n in names if _present(self.folder / n))]:
+            problem = config_file_problem(path)
+            if problem is not None:
+                raise ConfigError(problem, file=self._display(path), hint=NOT_A_FILE_HINT)
 
     def _read_workflows_file(self, path: Path) -> None:
         file = self._display(path)
@@ -155,14 +183,14 @@ class Project:
                 hint="rename or remove one of them",
             )
             return
-        self._entries[name] = _Entry(name, file, line, item)
+        self._entries[name] = _Entry(name, file, line, item, _name_error(name, item, file))
 
     @cached_property
     def _variable_sections(self) -> VariableSections | ConfigError:
         sections = VariableSections()
         for name, top in (("configs.yaml", "configs"), ("variables.yaml", "variables")):
             path = self.folder / name
-            if path.is_file():
+            if _present(path):
                 try:
                     read_variable_sections(
                         load_yaml(path, self._display(path)), top, self._display(path), sections
@@ -176,7 +204,7 @@ class Project:
         from dstack.workflows.models import CustomProviderDef
 
         path = self.folder / "providers.yaml"
-        if not path.is_file():
+        if not _present(path):
             return {}
         file = self._display(path)
         try:
@@ -282,11 +310,21 @@ class Project:
         """What is wrong with this workflow (read with its default variables), or None."""
         if name not in self._errors:
             try:
-                self.job_spec(name)
+                self._specs[name] = self.job_spec(name)
                 self._errors[name] = None
             except ConfigError as e:
                 self._errors[name] = e
         return self._errors[name]
+
+    def default_spec(self, name: str) -> JobSpec | None:
+        """The job spec with default variables, or None when the workflow has an error."""
+        return None if self.error(name) else self._specs[name]
+
+    def dependency_line(self, name: str) -> tuple[str, int]:
+        """The file and line of the workflow's `depends-on` (or of the workflow itself)."""
+        entry = self._entries[name]
+        key = next((k for k in ("depends-on", "deps") if k in entry.item), "name")
+        return entry.file, entry.item.line_of(key)
 
     def workflow(
         self, name: str, overrides: dict[str, str] | None = None, args: list[str] | None = None
@@ -359,7 +397,7 @@ class Project:
         from dstack.workflows.models import ProjectSettings
 
         path = self.folder / "config.yaml"
-        if not path.is_file():
+        if not _present(path):
             return ProjectSettings()
         file = self._display(path)
         data = load_yaml(path, file)
@@ -410,6 +448,9 @@ class Project:
             error = self.error(name)
             if error is not None:
                 problems.append(error)
+        from dstack.graph import dependency_problems
+
+        problems += dependency_problems(self)
         unique: dict[str, ConfigError] = {}
         for problem in problems:
             unique.setdefault(str(problem), problem)
