@@ -140,10 +140,14 @@ class _Reader:
             variables=dict(self.subst.variables),
         )
         if item.get("triggers") is not None:
+            from dstack.triggers.model import parse_triggers
+
+            parse_triggers(name, item["triggers"], self.file, self.at("triggers"))  # errors at file:line
             triggers = plain(item["triggers"])
             wf.triggers = triggers if isinstance(triggers, list) else [triggers]
             wf.notices.append(
-                f"workflow '{name}' has triggers; they are kept but not run automatically: run it yourself"
+                f"workflow '{name}' has triggers: `dstack triggers install` makes them start runs "
+                "(`dstack triggers` shows what is installed)"
             )
         return wf
 
