@@ -130,6 +130,23 @@ def test_existing_hooks_still_run_and_uninstall_gives_them_back_byte_for_byte(ma
     assert not any(p.name.endswith(".dstack-saved") for p in hooks.iterdir())
 
 
+def test_commits_a_rebase_makes_start_no_runs(make_repo, dstack_home):
+    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, "train.py": "v1\n"})
+    dstack("triggers", "install", cwd=repo)
+    git(repo, "checkout", "-q", "-b", "side")
+    write(repo, "train.py", "v2\n")
+    git(repo, "commit", "-qam", "side")
+    git(repo, "checkout", "-q", "main")
+    write(repo, "other.txt", "x\n")
+    git(repo, "add", "other.txt")
+    git(repo, "commit", "-qm", "main")
+    git(repo, "checkout", "-q", "side")
+    git(repo, "rebase", "-q", "main")
+    log = wait_for("three log lines", lambda: (t := hook_log(dstack_home)).count("\n") == 3 and t)
+    assert log.count("made by a rebase: no runs started") == 1  # lines come in the order hooks finish
+    assert len(runs(repo)) == 1
+
+
 def test_core_hooks_path_is_honoured_and_a_folder_dstack_made_is_removed(make_repo):
     repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, "train.py": "v1\n"})
     git(repo, "config", "core.hooksPath", "githooks")

@@ -97,6 +97,7 @@ def hook(
     name: str = typer.Argument(..., help="post-commit or post-merge"),
     commit: str = typer.Option("", "--commit"),
     before: str = typer.Option("", "--before"),
+    rebasing: bool = typer.Option(False, "--rebasing"),
 ) -> None:
     """Run by dstack's Git hooks (already in the background): start the runs a commit triggers."""
     import os
@@ -110,6 +111,9 @@ def hook(
     except OSError:
         pass
     where = f"{name} {commit[:12] or '?'}:"
+    if rebasing:
+        _log(f"{where} made by a rebase: no runs started (run the workflow by hand if it needs one)")
+        return
     try:
         with open_state() as state:
             fired = 0

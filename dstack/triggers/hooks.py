@@ -77,10 +77,14 @@ if [ "$(pwd -P)" = {q(str(repo_root.resolve()))} ]; then
     logs="${{DSTACK_HOME:-$HOME/.dstack}}/triggers"
     (umask 077 && mkdir -p "$logs") 2>/dev/null
     commit="$(git rev-parse -q --verify HEAD 2>/dev/null)"
+    rebasing=""  # the commits a rebase makes start no runs
+    for d in "$(git rev-parse --git-path rebase-merge)" "$(git rev-parse --git-path rebase-apply)"; do
+        if [ -d "$d" ]; then rebasing=" --rebasing"; fi
+    done
     (
         unset {_GIT_VARS}
         cd {q(str(project_root))} &&
-            exec {q(sys.executable)} -m dstack triggers hook {name} --commit "$commit"{before}
+            exec {q(sys.executable)} -m dstack triggers hook {name} --commit "$commit"$rebasing{before}
     ) </dev/null >>"$logs/hooks.log" 2>&1 &
 fi
 exit $status
