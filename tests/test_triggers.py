@@ -319,3 +319,29 @@ def test_a_commit_retrains_the_example(tmp_path, dstack_home):
     done = wait_for("train to finish", lambda: runs(repo)[0]["status"] in ("done", "failed") and runs(repo))
     assert done[0]["status"] == "done", dstack("logs", run["name"], cwd=repo, check=False).output
     dstack("triggers", "uninstall", cwd=repo)
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="no systemd-analyze to check OnCalendar with"
+)
+def test_schedules_as_systemd_calendar_expressions() -> None:
+    """Machines without cron get systemd user timers; systemd itself checks each converted expression."""
+    from dstack.triggers.timers import TimerError, on_calendar, unit_files
+
+    cases = {
+        "0 3 * * *": "*-*-* 03:00:00",
+        "*/15 * * * *": "*-*-* *:00,15,30,45:00",
+        "30 4 * * mon-fri": "Mon,Tue,Wed,Thu,Fri *-*-* 04:30:00",
+        "0 12 1,15 jan *": "*-01-01,15 12:00:00",
+        "@weekly": "Sun *-*-* 00:00:00",
+    }
+    for cron, calendar in cases.items():
+        assert on_calendar(check_cron(cron)) == calendar
+        proc = subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True, timeout=10)
+        assert proc.returncode == 0, proc.stderr
+    with pytest.raises(TimerError, match="day of the month OR a weekday"):
+        on_calendar("0 0 1 * mon")
+    files = unit_files("/a b/%p", "w $x", "0 3 * * *", Path("/l"), {"PATH": "/bin:$HOME"})
+    service = next(text for name, text in files.items() if name.endswith(".service"))
+    assert "WorkingDirectory=/a b/%%p\n" in service and 'Environment="PATH=/bin:$HOME"' in service
+    assert ' "scheduled" "w $$x" "--schedule" "0 3 * * *"' in service

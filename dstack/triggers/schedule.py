@@ -1,7 +1,8 @@
 """Schedules: one crontab line per `schedule:` trigger, tagged so `uninstall` removes exactly those lines.
 
 The user's crontab is read with `crontab -l` and written with `crontab -`; `DSTACK_CRONTAB=FILE` makes dstack
-use that file instead (for machines without cron, and for tests).
+use that file instead (for machines without cron, and for tests). Without cron, systemd user timers
+(`dstack.triggers.timers`) hold them.
 """
 
 from __future__ import annotations
@@ -40,14 +41,21 @@ class Entry:
         return dict(self.__dict__)
 
 
+SYSTEMD = "systemd user timers"
+
+
 def where() -> str:
-    """What holds the schedules: a crontab file (`DSTACK_CRONTAB`), the user's crontab, or nothing."""
+    """What holds schedules: a file (`DSTACK_CRONTAB`), the user's crontab, or systemd user timers."""
+    from dstack.triggers import timers
+
     if os.environ.get("DSTACK_CRONTAB"):
         return f"file {os.environ['DSTACK_CRONTAB']}"
     if shutil.which("crontab"):
         return "crontab"
+    if timers.available():
+        return SYSTEMD
     raise ScheduleError(
-        "schedules need cron and this machine has no `crontab` command",
+        "schedules need cron or systemd: this machine has no `crontab` command and no systemd user manager",
         hint="install cron (Debian/Ubuntu: `apt-get install cron`), or set DSTACK_CRONTAB=FILE to use a file",
     )
 
@@ -85,9 +93,13 @@ def _tag(project_root: str, workflow: str, schedule: str) -> str:
     return f"{TAG} {shlex.quote(project_root)} {shlex.quote(workflow)} {schedule}"
 
 
+def _env() -> dict[str, str]:
+    return {k: os.environ[k] for k in _ENV_KEPT if os.environ.get(k)}
+
+
 def _cron_line(trigger: Trigger, project_root: Path, log: Path) -> str:
     q = shlex.quote
-    env = " ".join(f"{k}={q(os.environ[k])}" for k in _ENV_KEPT if os.environ.get(k))
+    env = " ".join(f"{k}={q(v)}" for k, v in _env().items())
     command = (
         f"cd {q(str(project_root))} && {env} {q(sys.executable)} -m dstack triggers scheduled "
         f"{q(trigger.workflow)} --schedule {q(trigger.schedule or '')} >>{q(str(log))} 2>&1"
@@ -96,7 +108,12 @@ def _cron_line(trigger: Trigger, project_root: Path, log: Path) -> str:
 
 
 def entries(project_root: Path | None = None) -> list[Entry]:
-    """Our entries in the crontab (of one project, or all)."""
+    """Our entries in the crontab or timers (of one project, or all)."""
+    if where() == SYSTEMD:
+        from dstack.triggers import timers
+
+        mine = timers.installed(None if project_root is None else str(project_root))
+        return [Entry(r, w, s, f"{p} (OnCalendar={timers.on_calendar(s)})") for r, w, s, p in mine]
     lines = (read_crontab() or "").splitlines()
     found = []
     for i, line in enumerate(lines[:-1]):
@@ -132,6 +149,11 @@ def _without(text: str, project_root: Path) -> str:
 def install_schedules(project_root: Path, triggers: list[Trigger], log: Path) -> list[Entry]:
     """Make the crontab hold exactly one entry per schedule trigger of the project (others untouched)."""
     schedules = [t for t in triggers if t.kind == "schedule"]
+    if where() == SYSTEMD:
+        from dstack.triggers import timers
+
+        timers.install(str(project_root), [(t.workflow, t.schedule or "") for t in schedules], log, _env())
+        return entries(project_root)
     before = read_crontab()
     text = _without(before or "", project_root)
     if schedules and text and not text.endswith("\n"):
@@ -150,6 +172,10 @@ def install_schedules(project_root: Path, triggers: list[Trigger], log: Path) ->
 
 def uninstall_schedules(project_root: Path) -> int:
     """Remove the project's entries from the crontab; how many there were. An emptied crontab is removed."""
+    if where() == SYSTEMD:
+        from dstack.triggers import timers
+
+        return timers.uninstall(str(project_root))
     before = read_crontab()
     if before is None:
         return 0
