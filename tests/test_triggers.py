@@ -157,6 +157,18 @@ def test_core_hooks_path_is_honoured_and_a_folder_dstack_made_is_removed(make_re
     assert not (repo / "githooks").exists()
 
 
+def test_one_project_per_hooks_folder_and_uninstall_without_dstack_folder(make_repo):
+    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, "sub/.dstack/workflows.yaml": WORKFLOWS})
+    before = hook_files(repo / ".git/hooks")
+    dstack("triggers", "install", cwd=repo)
+    res = dstack("triggers", "install", cwd=repo / "sub", check=False)
+    assert res.code == 2 and f"already starts runs for the project in {repo.resolve()}" in res.err
+    shutil.rmtree(repo / ".dstack")
+    shutil.rmtree(repo / "sub")
+    dstack("triggers", "uninstall", cwd=repo)
+    assert hook_files(repo / ".git/hooks") == before
+
+
 def test_a_broken_dstack_folder_makes_the_hook_log_one_line_and_the_commit_succeed(make_repo, dstack_home):
     repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, "train.py": "v1\n"})
     dstack("triggers", "install", cwd=repo)

@@ -22,6 +22,7 @@ from dstack.store.triggers import Install, delete_install, get_install, save_ins
 HOOKS = ("post-commit", "post-merge")
 MARKER = "# dstack triggers hook"
 SAVED = ".dstack-saved"
+PROJECT = "# project: "
 _GIT_VARS = "GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX GIT_OBJECT_DIRECTORY GIT_COMMON_DIR"
 
 
@@ -60,6 +61,16 @@ def is_ours(path: Path) -> bool:
         return MARKER.encode() in f.read(1024)
 
 
+def hook_project(path: Path) -> str | None:
+    """The project a dstack hook starts runs for."""
+    import shlex
+
+    for line in path.read_text().splitlines()[:5]:
+        if line.startswith(PROJECT):
+            return shlex.split(line[len(PROJECT) :])[0]
+    return None
+
+
 def hook_script(name: str, repo_root: Path, project_root: Path) -> str:
     """The hook: run the saved hook (if any) as Git would have, then start dstack in the background."""
     q = shlex.quote
@@ -67,20 +78,21 @@ def hook_script(name: str, repo_root: Path, project_root: Path) -> str:
     return f"""#!/bin/sh
 {MARKER} ({name}): written by `dstack triggers install`; `dstack triggers uninstall` removes it and
 # puts back the hook that was here (kept meanwhile as {name}{SAVED}, run first). Do not edit.
+{PROJECT}{q(str(project_root))}
 saved="$(dirname "$0")/{name}{SAVED}"
 status=0
 if [ -x "$saved" ]; then
     "$saved" "$@"
     status=$?
 fi
-if [ "$(pwd -P)" = {q(str(repo_root.resolve()))} ]; then
+if cd -P . && [ "$PWD" = {q(str(repo_root.resolve()))} ]; then
     logs="${{DSTACK_HOME:-$HOME/.dstack}}/triggers"
-    (umask 077 && mkdir -p "$logs") 2>/dev/null
-    commit="$(git rev-parse -q --verify HEAD 2>/dev/null)"
+    [ -d "$logs" ] || (umask 077 && mkdir -p "$logs") 2>/dev/null
+    {{ read -r commit; read -r merge_dir; read -r apply_dir; }} <<EOF
+$(git rev-parse HEAD --git-path rebase-merge --git-path rebase-apply 2>/dev/null)
+EOF
     rebasing=""  # the commits a rebase makes start no runs
-    for d in "$(git rev-parse --git-path rebase-merge)" "$(git rev-parse --git-path rebase-apply)"; do
-        if [ -d "$d" ]; then rebasing=" --rebasing"; fi
-    done
+    if [ -d "$merge_dir" ] || [ -d "$apply_dir" ]; then rebasing=" --rebasing"; fi
     (
         unset {_GIT_VARS}
         cd {q(str(project_root))} &&
@@ -116,6 +128,12 @@ def install_hooks(state: State, project_root: Path) -> list[HookStatus]:
     for name in HOOKS:
         path, saved = folder / name, folder / (name + SAVED)
         record = get_install(state, str(path))
+        other = hook_project(path) if is_ours(path) else None
+        if other and other != str(project_root):
+            raise RepoError(
+                f"{path} already starts runs for the project in {other} (one project per hooks folder)",
+                hint=f"run `dstack triggers uninstall` in {other} first",
+            )
         if not is_ours(path) and os.path.lexists(path):
             if os.path.lexists(saved):
                 raise RepoError(

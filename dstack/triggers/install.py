@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dstack.errors import UsageError
+from dstack.errors import DstackError, UsageError
 from dstack.store.state import State
 from dstack.store.triggers import last_fires
 from dstack.triggers import hooks, schedule
@@ -42,6 +42,18 @@ def _has_cron() -> bool:
         return False
 
 
+def _root(cwd: Path) -> Path:
+    """The project's root; the repo's top when `.dstack/` is gone (so `uninstall` still works)."""
+    from dstack.errors import RepoError
+    from dstack.repo import find_repo_root
+    from dstack.workflows import load_project
+
+    try:
+        return Path(load_project(cwd).root).resolve()
+    except RepoError:
+        return find_repo_root(cwd.resolve()).resolve()
+
+
 def _project(cwd: Path) -> tuple[Path, list[Trigger]]:
     from dstack.workflows import load_project
 
@@ -70,9 +82,7 @@ def install(state: State, cwd: Path) -> TriggersStatus:
 
 def uninstall(state: State, cwd: Path) -> TriggersStatus:
     """Remove the project's hooks (putting back the chained ones) and crontab entries."""
-    from dstack.workflows import load_project
-
-    root = Path(load_project(cwd).root).resolve()
+    root = _root(cwd)
     hooks.uninstall_hooks(state, root)
     if _has_cron():
         schedule.uninstall_schedules(root)
@@ -81,21 +91,18 @@ def uninstall(state: State, cwd: Path) -> TriggersStatus:
 
 def status(state: State, cwd: Path, check: bool = True) -> TriggersStatus:
     """The project's triggers with what is installed for them and when each last fired."""
-    from dstack.workflows import load_project
-
-    root = Path(load_project(cwd).root).resolve()
+    try:
+        root, triggers = _project(cwd)
+    except DstackError:
+        if check:
+            raise
+        root, triggers = _root(cwd), []
     result = TriggersStatus(str(root), hooks=hooks.hook_statuses(root))
     try:
         result.schedules_in = schedule.where()
         result.schedules = schedule.entries(root)
     except schedule.ScheduleError as e:
         result.schedules_in = f"none ({e.message})"
-    try:
-        _, triggers = _project(cwd)
-    except Exception:
-        if check:
-            raise
-        triggers = []
     fires = last_fires(state, str(root))
     hooked = all(h.state == "installed" for h in result.hooks)
     for t in triggers:
