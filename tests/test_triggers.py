@@ -256,7 +256,6 @@ def test_a_scheduled_run_uses_the_committed_head_and_is_skipped_when_nothing_cha
     [
         ('{schedule: "0 3 * *"}', "schedule '0 3 * *' has 4 field(s); cron needs 5"),
         ('{schedule: "61 * * * *"}', "schedule '61 * * * *': minute '61' is out of range (0-59)"),
-        ("{nightly: true}", "unknown trigger 'nightly'"),
         ("{repo: {include: 3}}", "'include' must be a list of globs"),
     ],
 )
@@ -270,6 +269,22 @@ def test_bad_triggers_are_errors_with_file_and_line(make_repo, trigger, message)
     assert res.code == 2 and f"Error: .dstack/workflows.yaml:5: {message}" in res.err
     assert message in dstack("validate", cwd=repo, check=False).err
     assert not (repo / ".git/hooks/post-commit").exists()
+
+
+def test_kinds_dstack_does_not_run_are_kept_with_a_notice_and_refused_by_install(make_repo):
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": "workflows:\n  - name: w\n    commands: [echo]\n    triggers:\n      - {nightly: 1}\n"
+        }
+    )
+    res = dstack("run", "w", cwd=repo)
+    assert (
+        ".dstack/workflows.yaml:5: unknown trigger 'nightly' — dstack runs `repo:` and `schedule:` triggers"
+        in res.err
+    )
+    assert "it is kept but never run" in res.err
+    res = dstack("triggers", "install", cwd=repo, check=False)
+    assert res.code == 2 and "Error: .dstack/workflows.yaml:2: unknown trigger 'nightly'" in res.err
 
 
 def test_trigger_forms() -> None:

@@ -41,8 +41,12 @@ class Trigger:
         return "commit " + (", ".join(self.include) if self.include else "(any file)")
 
 
-def parse_triggers(workflow: str, value: Any, file: str, line: int) -> list[Trigger]:
-    """A workflow's `triggers:` (YAML with lines, or plain values) as Triggers; ConfigError at file:line."""
+def parse_triggers(
+    workflow: str, value: Any, file: str, line: int, unknown: list[ConfigError] | None = None
+) -> list[Trigger]:
+    """A workflow's `triggers:` (YAML with lines, or plain values) as Triggers; ConfigError at file:line.
+
+    `unknown`: collects triggers of kinds dstack doesn't run (older repos have some) instead of failing."""
     items = value if isinstance(value, list) else [value]
     lines = getattr(value, "lines", None) or []
     found: list[Trigger] = []
@@ -56,10 +60,14 @@ def parse_triggers(workflow: str, value: Any, file: str, line: int) -> list[Trig
             found.append(Trigger(workflow, "repo", None, line=at))
             continue
         if not isinstance(item, dict) or len(item) != 1:
-            raise fail(
-                f"trigger {item!r} is not one dstack knows",
+            error = fail(
+                f"trigger {item!r} is not one dstack runs",
                 hint='write `push`, `{repo: {include: [GLOBS]}}` or `{schedule: "0 3 * * *"}`',
             )
+            if unknown is None:
+                raise error
+            unknown.append(error)
+            continue
         key, body = next(iter(item.items()))
         at = item.lines.get(key, at) if hasattr(item, "lines") else at
         if key in ("schedule", "cron"):
@@ -80,9 +88,11 @@ def parse_triggers(workflow: str, value: Any, file: str, line: int) -> list[Trig
                 )
             found.append(Trigger(workflow, "repo", tuple(include) if include else None, line=at))
         else:
-            raise fail(
-                f"unknown trigger '{key}'", hint="triggers are `repo:` (commits) or `schedule:`", at=at
-            )
+            hint = "dstack runs `repo:` and `schedule:` triggers"
+            error = fail(f"unknown trigger '{key}'", hint=hint, at=at)
+            if unknown is None:
+                raise error
+            unknown.append(error)
     return found
 
 
