@@ -320,6 +320,8 @@ def test_watch_reruns_on_each_change_and_stops_the_previous_run(make_repo, tmp_p
         names.append(first[0]["name"])
         write(repo, "train.py", "v3\n")
         both = wait_for("a second run", lambda: (r := runs(repo)) and len(r) == 2 and r, timeout=20)
+        write(repo, "train.py", "v3\n")  # same bytes, new mtime: no change
+        time.sleep(1.5)
         names.append(both[0]["name"])
         assert [r["origin"] for r in both] == ["watch", "watch"]
         assert both[1]["status"] in ("stopped", "done"), both[1]
@@ -330,6 +332,7 @@ def test_watch_reruns_on_each_change_and_stops_the_previous_run(make_repo, tmp_p
             dstack("stop", name, cwd=repo, check=False)
     out = err.read_text()
     assert f"stopped run {names[0]} (files changed)" in out and "Stopped watching" in out
+    assert len(runs(repo)) == 2
     assert proc.returncode == 130
     assert wait_for("the first run's output", lambda: dstack("logs", names[0], cwd=repo).out) == "v2\n"
 

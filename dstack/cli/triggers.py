@@ -158,7 +158,7 @@ def watch(workflow: str = typer.Argument(..., help="The workflow to run on each 
             for event in watch_workflow(state, Path.cwd(), workflow):
                 last = event.run_name or last
                 if event.kind == "watching":
-                    ui.info(f"Watching: {event.text}. Ctrl-C ends it.")
+                    ui.info(f"Watching {event.text}. Ctrl-C ends it.")
                 elif event.kind == "started":
                     ui.info(f"Run [bold]{event.run_name}[/bold] started (`dstack logs -f {event.run_name}`).")
                 elif event.kind == "failed":

@@ -17,6 +17,7 @@ from dstack.triggers.model import Trigger
 
 DEBOUNCE_S = float(os.environ.get("DSTACK_WATCH_DEBOUNCE_S", "0.5"))
 POLL_S = 0.2
+Stats = dict[str, tuple[int, int, int]]  # each watched file's mtime, size and inode
 
 
 @dataclass
@@ -43,7 +44,7 @@ def watched_include(cwd: Path, workflow: str) -> tuple[Path, list[str] | None]:
     return Path(project.root).resolve(), wf.repo_include
 
 
-def scan(root: Path, include: list[str] | None) -> dict[str, tuple[int, int, int]]:
+def scan(root: Path, include: list[str] | None) -> Stats:
     """Each watched file (tracked or untracked, not ignored) with its mtime, size and inode."""
     proc = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -66,6 +67,23 @@ def scan(root: Path, include: list[str] | None) -> dict[str, tuple[int, int, int
     return found
 
 
+def _content_changed(root: Path, before: Stats, now: Stats, digests: dict[str, str]) -> bool:
+    """Whether files came or went, or one's bytes differ from when it was last seen changing."""
+    import hashlib
+
+    changed = before.keys() != now.keys()
+    for rel in now:
+        if before.get(rel) == now[rel]:
+            continue
+        try:
+            digest = hashlib.blake2b((root / rel).read_bytes(), digest_size=16).hexdigest()
+        except OSError:
+            digest = ""
+        changed = changed or digests.get(rel) != digest
+        digests[rel] = digest
+    return changed
+
+
 def watch(state: State, cwd: Path, workflow: str, debounce: float = DEBOUNCE_S) -> Iterator[WatchEvent]:
     """Yield what happens while watching, forever (the caller ends it, e.g. on Ctrl-C)."""
     from dstack.runs import stop_run
@@ -74,14 +92,17 @@ def watch(state: State, cwd: Path, workflow: str, debounce: float = DEBOUNCE_S) 
     root, include = watched_include(cwd, workflow)
     seen = scan(root, include)
     what = ", ".join(include) if include else "every file of the repo"
-    yield WatchEvent("watching", f"watching {len(seen)} file(s) ({what}) for {workflow}")
+    yield WatchEvent("watching", f"{len(seen)} file(s) ({what}) for {workflow}")
     changed_at: float | None = None
     current: str | None = None
+    digests: dict[str, str] = {}  # of files seen changing: a touch that keeps the bytes is no change
     while True:
         time.sleep(POLL_S)
         now = scan(root, include)
         if now != seen:
-            seen, changed_at = now, time.monotonic()
+            if _content_changed(root, seen, now, digests):
+                changed_at = time.monotonic()
+            seen = now
             continue
         if changed_at is None or time.monotonic() - changed_at < debounce:
             continue
