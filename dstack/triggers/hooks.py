@@ -113,7 +113,8 @@ def hook_statuses(project_root: Path) -> list[HookStatus]:
         if is_ours(path):
             found.append(HookStatus(name, str(path), "installed", chained))
         elif os.path.lexists(path):
-            found.append(HookStatus(name, str(path), "not dstack's"))
+            left = f" ({name}{SAVED}, the hook dstack had moved aside, is left over)" if chained else ""
+            found.append(HookStatus(name, str(path), "not dstack's" + left))
         else:
             found.append(HookStatus(name, str(path), "absent"))
     return found
