@@ -29,6 +29,7 @@ class LineageNode:
     reused_from: str | None
     artifacts: list[dict[str, Any]]
     tags: list[str]
+    origin: str | None = None  # what started the run that made it: None by hand, "commit SHA", …
     upstream: list[LineageNode] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def job_lineage(state: State, job: Job, seen: set[str] | None = None) -> Lineage
         reused_from=job.reused_from,
         artifacts=[{"path": r.path, "size": r.size, "digest": r.digest} for r in rows],
         tags=tags,
+        origin=run.origin,
     )
     seen.add(job.id)
     for up_id in job.upstream:

@@ -163,6 +163,65 @@ def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) ->
     )
 
 
+def snapshot_commit(project_root: Path, store: ObjectStore, rev: str, into: Path) -> RepoState:
+    """The repo as committed at `rev` only (no diff, no untracked files); its files written under `into`."""
+    project_root = project_root.absolute()
+    repo_root = find_repo_root(project_root)
+    head = _git(repo_root, "rev-parse", "-q", "--verify", f"{rev}^{{commit}}", check=False)
+    if head.returncode != 0:
+        raise RepoError(f"'{rev}' is not a commit of {repo_root}", hint="commit your work first")
+    commit = head.stdout.decode().strip()
+    ref = _git(repo_root, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    branch = ref.stdout.decode().strip() if ref.returncode == 0 else None
+    listing = []  # (mode, blob, path) of every file; submodules (commits) are not snapshotted
+    for item in _git(repo_root, "ls-tree", "-r", "-z", "--full-tree", commit).stdout.split(b"\0"):
+        if item:
+            meta, _, name = item.partition(b"\t")
+            mode, kind, blob = meta.split()
+            if kind == b"blob":
+                listing.append((mode, blob, os.fsdecode(name)))
+    blobs = subprocess.run(
+        ["git", "cat-file", "--batch"],
+        cwd=repo_root,
+        input=b"".join(blob + b"\n" for _, blob, _ in listing),
+        capture_output=True,
+        env={**os.environ, **_GIT_ENV},
+        check=True,
+    ).stdout
+    found: list[SourceFile] = []
+    pos = 0
+    for mode, _, rel in listing:
+        end = blobs.index(b"\n", pos)
+        size = int(blobs[pos:end].split()[2])
+        data = blobs[end + 1 : end + 1 + size]
+        pos = end + 2 + size
+        path = os.path.join(into, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if mode == b"120000":
+            os.symlink(data, path)
+            found.append(SourceFile(rel, path, os.lstat(path), data))
+            continue
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o755 if mode == b"100755" else 0o644)
+        found.append(SourceFile(rel, path, os.lstat(path)))
+    try:
+        subdir = project_root.resolve().relative_to(repo_root.resolve()).as_posix()
+    except ValueError:
+        subdir = "."
+    return RepoState(
+        repo_root=repo_root,
+        project_root=project_root,
+        remote_url=_remote_url(repo_root, branch),
+        branch=branch,
+        commit=commit,
+        diff="",
+        untracked=[],
+        files=store_files(found, store, None, under=os.fspath(into)).manifest,
+        working_subdir=subdir or ".",
+    )
+
+
 def is_included(path: str, patterns: list[str]) -> bool:
     """Whether a repo path matches one of the `include` globs (a directory includes what is under it)."""
     for pattern in patterns:

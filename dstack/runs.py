@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstack.errors import DstackError, RunError, UsageError
+from dstack.errors import DstackError, RepoError, RunError, UsageError
 from dstack.store.state import ACTIVE_RUN, Job, Run, State
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ class RunRequest:
     grid: list[dict[str, str]] | None = None  # a sweep: one set of overrides per combination
     reproduce: str | None = None  # run again a past run, with its exact repo state and variables
     real_time_artifacts: bool = False
+    origin: str | None = None  # what started it (a trigger); None: by hand
+    from_commit: str | None = None  # a commit (e.g. "HEAD"): its tree only, never uncommitted work
+    skip_if_reused: bool = False  # record nothing when every job would only be reused
 
 
 @dataclass
@@ -41,6 +44,7 @@ class CreatedRun:
     run: Run
     jobs: list[Job]
     notices: list[str]
+    recorded: bool = True
 
 
 def create_run(state: State, req: RunRequest) -> CreatedRun:
@@ -72,7 +76,10 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         project = load_project(req.cwd)
         project.check_files()  # before the snapshot, whose git would trip on a FIFO less clearly
         store = open_object_store(state, _project_store(project))
-        repo = _snapshot(project.root, store)
+        if req.from_commit:
+            project, repo = _commit_project(project.root, store, req.from_commit)
+        else:
+            repo = _snapshot(project.root, store)
     if req.host and req.host != "local":
         if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
             raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
@@ -99,7 +106,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         name=name,
         workflow=req.workflow,
         status="pending",
-        project_root=str(project.root),
+        project_root=str(repo.project_root if req.from_commit else project.root),
         repo_root=str(repo.repo_root),
         working_subdir=repo.working_subdir,
         remote_url=repo.remote_url,
@@ -120,6 +127,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         reason=None,
         created_at=now,
         finished_at=None,
+        origin=req.origin,
     )
     jobs: list[Job] = []
     ids: dict[str, str] = {}
@@ -164,6 +172,8 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         jobs.append(job)
     if all(j.status == "reused" for j in jobs):
         run.status, run.finished_at = "done", now
+        if req.skip_if_reused:
+            return CreatedRun(run, jobs, notices, recorded=False)
     state.insert_run(run, jobs)
     return CreatedRun(run, jobs, notices)
 
@@ -175,6 +185,23 @@ def _snapshot(project_root: Path, store: ObjectStore) -> Any:
 
     with DigestCache(sub("cache") / "digests.sqlite") as cache:
         return snapshot_repo(project_root, store, cache)
+
+
+def _commit_project(project_root: Path, store: ObjectStore, rev: str) -> tuple[Any, Any]:
+    """The `.dstack/` and files of one commit, checked out into a temporary folder (removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from dstack.repo import snapshot_commit
+    from dstack.workflows import load_project
+
+    tmp = Path(tempfile.mkdtemp(prefix="dstack-commit-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    repo = snapshot_commit(project_root, store, rev, tmp)
+    if not (tmp / repo.working_subdir / ".dstack").is_dir():
+        raise RepoError(f"commit {(repo.commit or rev)[:12]} has no .dstack/ folder", hint="commit .dstack/")
+    return load_project(tmp / repo.working_subdir), repo
 
 
 def _past_project(state: State, old: Run, store: ObjectStore) -> tuple[Any, Any]:

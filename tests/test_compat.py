@@ -453,7 +453,8 @@ def test_help_template_artifacts_args_triggers(tmp_path: Path) -> None:
         ("tb", False, True),
     ]
     assert spec.notices == [
-        "workflow 'train' has triggers; they are kept but not run automatically: run it yourself"
+        "workflow 'train' has triggers: `dstack triggers install` makes them start runs "
+        "(`dstack triggers` shows what is installed)"
     ]
     out = run_spec(root, spec.model_copy(update={"image": None}))
     assert out == "--epochs 5 --fast x y\n"

@@ -15,6 +15,7 @@ from dstack.cli import project as project_cli
 from dstack.cli import run as run_cli
 from dstack.cli import runs as runs_cli
 from dstack.cli import tags as tags_cli
+from dstack.cli import triggers as triggers_cli
 
 app = new_app(
     help="Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs.",
@@ -52,6 +53,7 @@ app.add_typer(artifacts_cli.app, name="artifacts")
 app.add_typer(tags_cli.app, name="tags")
 app.add_typer(hosts_cli.app, name="hosts")
 app.add_typer(config_cli.app, name="config")
+triggers_cli.register(app)
 
 
 def main() -> None:

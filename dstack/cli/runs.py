@@ -44,6 +44,7 @@ def runs(
                         "workflow": r.workflow,
                         "status": r.status,
                         "reason": r.reason,
+                        "origin": r.origin or "manual",
                         "commit": r.commit_sha,
                         "branch": r.branch,
                         "variables": r.variables,
@@ -68,6 +69,7 @@ def runs(
                     r.name,
                     r.workflow,
                     ui.status(r.status),
+                    origin_label(r.origin),
                     variables,
                     summary,
                     ui.ago(r.created_at),
@@ -77,7 +79,15 @@ def runs(
         if not rows:
             ui.info("No runs yet. Try `dstack run WORKFLOW` in a repo with `.dstack/workflows.yaml`.")
             return
-        ui.table(["Run", "Workflow", "Status", "Variables", "Jobs", "Submitted", "Took"], rows)
+        ui.table(["Run", "Workflow", "Status", "Started by", "Variables", "Jobs", "Submitted", "Took"], rows)
+
+
+def origin_label(origin: str | None) -> str:
+    """What started a run, short: manual, commit 1a2b3c4d, schedule 0 3 * * *, watch."""
+    if not origin:
+        return "manual"
+    kind, _, rest = origin.partition(" ")
+    return f"commit {rest[:8]}" if kind == "commit" else origin
 
 
 def _sweep_table(state: State, sweep: str, as_json: bool) -> None:
@@ -142,6 +152,7 @@ def lineage(
             f"code: {commit} on {node.branch or '?'}, diff: {node.diff_summary}, "
             f"{node.untracked} untracked file(s)"
         )
+        branch.add(f"started by: {origin_label(node.origin)}")
         if variables:
             branch.add(f"variables: {variables}")
         where = f"runner: {node.runner or '-'}" + (f", image: {node.image}" if node.image else "")

@@ -52,6 +52,18 @@ MIGRATIONS: list[str] = [
       last_used_at REAL);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # triggers: what started each run (NULL: by hand), what fired when, which hooks/crontab lines are ours
+    """
+    ALTER TABLE runs ADD COLUMN origin TEXT;
+    CREATE TABLE trigger_fires (
+      id INTEGER PRIMARY KEY, project_root TEXT NOT NULL, workflow TEXT NOT NULL, kind TEXT NOT NULL,
+      origin TEXT NOT NULL, run_id TEXT, outcome TEXT NOT NULL, fired_at REAL NOT NULL);
+    CREATE INDEX trigger_fires_at ON trigger_fires(project_root, workflow, fired_at);
+    CREATE TABLE trigger_installs (
+      path TEXT PRIMARY KEY, kind TEXT NOT NULL, project_root TEXT NOT NULL,
+      detail TEXT NOT NULL DEFAULT '{}',
+      installed_at REAL NOT NULL);
+    """,
 ]
 
 ACTIVE_JOB = ("pending", "waiting", "starting", "running")
@@ -86,6 +98,7 @@ class Run:
     reason: str | None = None
     created_at: float = 0.0
     finished_at: float | None = None
+    origin: str | None = None  # what started it: None by hand, "commit SHA", "schedule EXPR", "watch"
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Run:

@@ -145,11 +145,17 @@ class _Reader:
             variables=dict(self.subst.variables),
         )
         if item.get("triggers") is not None:
+            from dstack.triggers.model import parse_triggers
+
+            unknown: list[ConfigError] = []  # kinds dstack doesn't run are kept, with a notice
+            parse_triggers(name, item["triggers"], self.file, self.at("triggers"), unknown)
             triggers = plain(item["triggers"])
             wf.triggers = triggers if isinstance(triggers, list) else [triggers]
             wf.notices.append(
-                f"workflow '{name}' has triggers; they are kept but not run automatically: run it yourself"
+                f"workflow '{name}' has triggers: `dstack triggers install` makes them start runs "
+                "(`dstack triggers` shows what is installed)"
             )
+            wf.notices += [f"{e}; it is kept but never run" for e in unknown]
         return wf
 
     def _merge_template(self, item: YMap) -> YMap:
