@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dstack.dashboard")
 STATIC = Path(__file__).with_name("static")
 COOKIE = "dstack_ui_token"
+CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"  # no script but ours
 
 
 class Dashboard(ThreadingHTTPServer):
@@ -97,7 +98,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:")
+        self.send_header("Content-Security-Policy", CSP)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.end_headers()

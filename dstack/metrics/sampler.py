@@ -136,13 +136,27 @@ def cgroup_memory(path):
 def container_cgroup(name):
     """The cgroup folder of the job's container (by its name in ./container), or None if not found."""
     try:
-        cid = subprocess.run(
-            ["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        out = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Id}} {{.State.Pid}}", name],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None, None
-    if not cid:
+    if len(out) != 2 or out[1] == "0":
         return None, None
+    cid, pid = out
+    for line in read(f"/proc/{pid}/cgroup").splitlines():  # where its engine put it, as this host sees it
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[1] == "memory":
+            path = "/sys/fs/cgroup/memory" + parts[2].rstrip("/")
+        elif len(parts) == 3 and parts[0] == "0" and parts[1] == "" and parts[2] not in ("", "/"):
+            path = "/sys/fs/cgroup" + parts[2].rstrip("/")
+        else:
+            continue
+        if os.path.exists(path + "/memory.current") or os.path.exists(path + "/memory.usage_in_bytes"):
+            return cid, path
     for path in (
         f"/sys/fs/cgroup/system.slice/docker-{cid}.scope",
         f"/sys/fs/cgroup/docker/{cid}",
@@ -270,7 +284,9 @@ def main():
             if ctr_id:
                 ctr_name = name
         cgroup = ctr_path if ctr_name else own
-        if cgroup:
+        if ctr_name and ctr_path and not os.path.isdir(ctr_path):
+            cgroup = None  # the container is gone: its last figures stand
+        elif cgroup:
             usage, limit, ooms, cpu_ns, crd, cwr = cgroup_memory(cgroup)
             sample["lim"], sample["oom"] = limit, ooms
             if ctr_name and (usage or cpu_ns):
@@ -282,7 +298,7 @@ def main():
                     sample["rd"] = int(max(crd - prev_ctr[1], 0) / dt)
                     sample["wr"] = int(max(cwr - prev_ctr[2], 0) / dt)
                 prev_ctr = (cpu_ns, crd, cwr)
-        elif ctr_id:
+        elif ctr_id and not ctr_path:
             stats = docker_stats(ctr_id)
             if stats:
                 sample["src"] = "docker"

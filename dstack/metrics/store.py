@@ -166,8 +166,9 @@ def ingest(job_id: str, data: bytes) -> int:
             totals.first_t = point["t"]
         totals.samples += 1
         totals.last_t = point["t"]
-        totals.source = str(sample.get("src") or "processes")
-        if isinstance(sample.get("lim"), int):
+        if sample.get("src"):
+            totals.source = str(sample["src"])
+        if isinstance(sample.get("lim"), int) and (sample["lim"] or totals.source != "docker"):
             totals.limit = sample["lim"]
         if isinstance(sample.get("oom"), int):
             if totals.oom_first is None:
