@@ -148,13 +148,13 @@ function Terminal(el) {
   };
 }
 
-function chart(s, times) {
+function chart(s, live) {
   const pts = s.points, n = pts.length;
   if (!n) return "";
   const hi = Math.max(...pts, s.unit === "%" ? 100 : 0, 1e-9), W = 300, H = 90;
   const xy = pts.map((v, i) => `${(n === 1 ? W : (i / (n - 1)) * W).toFixed(1)},${(H - 4 - (v / hi) * (H - 8)).toFixed(1)}`);
   if (n === 1) xy.unshift(`0,${xy[0].split(",")[1]}`);
-  return `<div class="chart" data-series="${esc(s.name)}"><div class="title"><b>${esc(s.label)}</b><span>now ${fmt(s.current, s.unit)} · peak ${fmt(s.peak, s.unit)} · mean ${fmt(s.mean, s.unit)}</span></div>
+  return `<div class="chart" data-series="${esc(s.name)}"><div class="title"><b>${esc(s.label)}</b><span>${live ? "now" : "last"} ${fmt(s.current, s.unit)} · peak ${fmt(s.peak, s.unit)} · mean ${fmt(s.mean, s.unit)}</span></div>
     <svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none"><polygon points="0,${H} ${xy.join(" ")} ${W},${H}"/><polyline points="${xy.join(" ")}"/></svg></div>`;
 }
 
@@ -197,7 +197,8 @@ function runPage(name) {
     }
   }
   page.refresh = async () => {
-    const run = await api("/api/run?name=" + encodeURIComponent(name));
+    const [run, metrics] = await Promise.all([api("/api/run?name=" + encodeURIComponent(name)),
+      api("/api/metrics?run=" + encodeURIComponent(name))]);
     document.getElementById("run-status").innerHTML = status(run.status);
     document.getElementById("stop").style.display = ACTIVE.includes(run.status) ? "" : "none";
     if (!selected || !run.jobs.some(j => j.id === selected)) {
@@ -220,11 +221,10 @@ function runPage(name) {
     document.getElementById("artifacts").innerHTML = files.length ? `<table><tr><th>File</th><th>Size</th></tr>${files.map(f =>
       `<tr><td><a href="/api/artifact?job=${encodeURIComponent(selected)}&path=${encodeURIComponent(f.path)}" download>${esc(f.path)}</a></td><td>${bytes(f.size)}</td></tr>`).join("")}</table>`
       : '<span class="dim">no artifacts saved (yet)</span>';
-    await pullLog();
-    const metrics = await api("/api/metrics?run=" + encodeURIComponent(name));
     const m = metrics.find(x => x.job_id === selected);
-    document.getElementById("metrics").innerHTML = m && m.samples ? Object.values(m.series).map(s => chart(s, m.times)).join("")
+    document.getElementById("metrics").innerHTML = m && m.samples ? Object.entries(m.series).map(([k, s]) => chart({ ...s, name: k }, job.status === "running")).join("")
       : '<span class="dim">no samples for this job yet</span>';
+    await pullLog();
   };
 }
 

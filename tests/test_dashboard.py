@@ -1,0 +1,194 @@
+"""`dstack ui`: the local dashboard, through the real CLI and a real browser (Debian's headless `chromium`).
+
+Screenshots of the runs, run and hosts pages are saved under build/screenshots/ (not committed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import dstack
+
+SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+PIPELINE = """\
+workflows:
+  - name: prepare
+    commands:
+      - mkdir -p data
+      - echo "rows=10" > data/set.txt
+    artifacts: [data]
+  - name: train
+    depends-on: [prepare]
+    commands:
+      - cat data/set.txt
+      - python -c 'x = bytearray(40 << 20); import time; time.sleep(1.5)'
+      - mkdir -p model && echo weights > model/weights.txt
+    artifacts: [model]
+"""
+TICKER = """\
+workflows:
+  - name: ticker
+    commands:
+      - printf '\\033[31mred alert\\033[0m\\n'
+      - printf 'progress 10%%\\rprogress 50%%\\rprogress 100%%\\n'
+      - for i in $(seq 1 60); do echo "line $i"; sleep 0.25; done
+"""
+
+
+@pytest.fixture(autouse=True)
+def fast_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSTACK_METRICS_INTERVAL", "0.3")
+    monkeypatch.setenv("DSTACK_METRICS_MIRROR_S", "0.2")
+
+
+@pytest.fixture
+def ui(tmp_path: Path) -> Iterator[str]:
+    """`dstack ui --no-open` in the background; yields the URL it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dstack", "ui", "--no-open"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("dstack ui: http://127.0.0.1:"), line
+        yield line.split(": ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def browser(url: str, screenshot: str | None = None, wait_ms: int = 4000) -> str:
+    """Load `url` in headless chromium: the DOM after `wait_ms` of page time (and a screenshot if asked)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; scripts/test does)")
+    with tempfile.TemporaryDirectory(prefix="dstack-chromium-") as profile:
+        flags = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,900",
+            f"--virtual-time-budget={wait_ms}",
+        ]
+        if screenshot:
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [*flags, f"--screenshot={SHOTS / screenshot}", url],
+                capture_output=True,
+                timeout=90,
+                check=True,
+            )
+        out = subprocess.run(
+            [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=90, check=True
+        )
+    return out.stdout
+
+
+def request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        e.close()
+        return e.code, body
+
+
+def last_run(repo: Path) -> dict:
+    return json.loads(dstack("runs", "--json", cwd=repo).out)[0]
+
+
+def test_requests_without_the_token_are_refused(make_repo, ui: str) -> None:
+    base, token = ui.split("/?token=")
+    assert request(f"{base}/api/runs")[0] == 403
+    assert request(f"{base}/api/runs?token=wrong")[0] == 403
+    assert request(f"{base}/")[0] == 403
+    assert request(f"{base}/api/runs?token={token}") == (200, b"[]")
+    # actions: the token in a header, and never from another origin or Host name
+    body = json.dumps({"run": "x"}).encode()
+    assert request(f"{base}/api/stop?token={token}", body)[0] == 403
+    evil = {"X-Dstack-Token": token, "Origin": "http://evil.example"}
+    assert request(f"{base}/api/stop", body, evil)[0] == 403
+    status, answer = request(f"{base}/api/stop", body, {"X-Dstack-Token": token, "Origin": base})
+    assert status == 400 and b"no run named 'x'" in answer
+    assert request(f"{base}/api/runs?token={token}", headers={"Host": "evil.example"})[0] == 403
+    assert base.startswith("http://127.0.0.1:")
+
+
+def test_the_pipeline_run_its_dag_and_a_metrics_chart_in_the_browser(make_repo, ui: str) -> None:
+    repo = make_repo({".dstack/workflows.yaml": PIPELINE})
+    dstack("run", "train", cwd=repo)
+    run = last_run(repo)["name"]
+    dom = browser(ui, screenshot="runs.png")
+    assert run in dom and "status s-done" in dom
+    page = browser(f"{ui}#/run/{run}", screenshot="run.png")
+    assert 'id="dag"' in page and ">prepare</text>" in page and ">train</text>" in page
+    assert 'data-series="mem"' in page and "<polyline" in page  # train's memory chart
+    assert "rows=10" in page  # its log
+    assert "weights.txt" in page  # its artifacts, with a download link
+    hosts = browser(f"{ui}#/hosts", screenshot="hosts.png")
+    assert ">local</td>" in hosts
+
+
+def test_log_lines_appear_while_a_job_runs_with_colours_and_progress_lines(make_repo, ui: str) -> None:
+    repo = make_repo({".dstack/workflows.yaml": TICKER})
+    dstack("run", "ticker", "-d", cwd=repo)
+    run = last_run(repo)["name"]
+    try:
+        first = browser(f"{ui}#/run/{run}", wait_ms=2500)
+        time.sleep(2)
+        second = browser(f"{ui}#/run/{run}", wait_ms=2500)
+        count = [sum(f"line {i}\n" in dom for i in range(1, 61)) for dom in (first, second)]
+        assert 0 < count[0] < count[1] < 60, count
+        assert '<span class="fg-31">red alert</span>' in second
+        assert "progress 100%" in second and "progress 10%" not in second  # `\r` redraws the line
+        assert "Stop run" in second
+        # stop it as the page's button does: POST with the token, from the page's origin
+        base, token = ui.split("/?token=")
+        status, _ = request(
+            f"{base}/api/stop", json.dumps({"run": run}).encode(), {"X-Dstack-Token": token, "Origin": base}
+        )
+        assert status == 200 and last_run(repo)["status"] == "stopped"
+    finally:
+        dstack("stop", run, cwd=repo, check=False)
+
+
+def test_a_tag_added_from_the_page_shows_on_the_tags_page(make_repo, ui: str) -> None:
+    repo = make_repo({".dstack/workflows.yaml": "workflows:\n  - name: a\n    commands: ['true']\n"})
+    dstack("run", "a", cwd=repo)
+    run = last_run(repo)["name"]
+    base, token = ui.split("/?token=")
+    headers = {"X-Dstack-Token": token, "Origin": base}
+    status, body = request(f"{base}/api/tag", json.dumps({"run": run, "name": "best"}).encode(), headers)
+    assert status == 200 and json.loads(body)["tag"] == "best"
+    status, body = request(f"{base}/api/tag", json.dumps({"run": run, "name": "a:b"}).encode(), headers)
+    assert status == 400 and b"invalid tag name" in body
+    dom = browser(f"{ui}#/tags")
+    assert '<span class="tag">best</span>' in dom and run in dom
+    assert os.environ["DSTACK_HOME"]  # the page read the same state the CLI wrote
