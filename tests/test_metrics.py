@@ -167,3 +167,37 @@ def test_a_container_killed_for_memory_says_so_with_its_peak(
     assert "peak memory" in reason and "of its 96.0 MiB limit" in reason
     [m] = json.loads(dstack("metrics", last_run(repo), "--json", cwd=repo).out)
     assert m["source"] == "docker" and m["memory_limit"] == 96 * 1024 * 1024
+
+
+def test_samples_of_a_job_on_an_ssh_host_are_mirrored_over_its_connection(
+    make_repo, sshd_factory, ssh_pool
+) -> None:
+    """The sampler runs on the host (its interval from the job's env); the orchestrator reads its file over SFTP."""
+    from dstack import hosts
+    from dstack.store.state import open_state
+
+    server = sshd_factory.loopback()
+    with open_state() as state:
+        hosts.add_host(state.db, server.address, name="box", identity=str(server.key), accept=lambda fp: True)
+    repo = make_repo(
+        {
+            "hog.py": HOG,
+            ".dstack/workflows.yaml": "workflows:\n  - name: remote\n    env: [DSTACK_METRICS_INTERVAL=0.2]\n"
+            "    commands: ['python3 hog.py 30 1.5']\n",
+        }
+    )
+    dstack("run", "remote", "--host", "box", cwd=repo, timeout=90)
+    [job] = json.loads(dstack("metrics", last_run(repo), "--json", cwd=repo).out)
+    assert job["runner"] == "box" and job["samples"] >= 3
+    assert job["series"]["mem"]["peak"] > 30 * 1024 * 1024
+    mirrored = Path(os.environ["DSTACK_HOME"]) / "metrics" / f"{job['job_id']}.jsonl"
+    assert len(mirrored.read_text().splitlines()) == job["samples"]
+
+
+def test_follow_refreshes_until_the_run_ends(make_repo) -> None:
+    workflows = "workflows:\n  - name: spin\n    commands: ['python hog.py 10 3']\n"
+    repo = make_repo({"hog.py": HOG, ".dstack/workflows.yaml": workflows})
+    dstack("run", "spin", "-d", cwd=repo)
+    res = dstack("metrics", last_run(repo), "--follow", "--json", "--every", "0.5", cwd=repo, timeout=60)
+    assert res.out.count('"job_id"') >= 2  # one report per refresh, then it returned by itself
+    assert json.loads(dstack("runs", "--json", cwd=repo).out)[0]["status"] == "done"

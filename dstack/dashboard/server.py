@@ -14,6 +14,8 @@ import logging
 import mimetypes
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,8 +41,8 @@ class Dashboard(ThreadingHTTPServer):
 
     def __init__(self, port: int = 0, token: str | None = None) -> None:
         self.token = token or secrets.token_urlsafe(24)
-        self._local = threading.local()
         self._states: list[State] = []
+        self._idle: list[State] = []
         self._lock = threading.Lock()
         super().__init__(("127.0.0.1", port), Handler)
 
@@ -52,15 +54,22 @@ class Dashboard(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/?token={self.token}"
 
-    def state(self) -> State:
-        st = getattr(self._local, "state", None)
+    @contextmanager
+    def state(self) -> Iterator[State]:
+        """A read connection for one request, from a pool (a thread per request must not open one each)."""
+        with self._lock:
+            st = self._idle.pop() if self._idle else None
         if st is None:
             from dstack.store.state import open_state
 
-            st = self._local.state = open_state()
+            st = open_state()
             with self._lock:
                 self._states.append(st)
-        return st
+        try:
+            yield st
+        finally:
+            with self._lock:
+                self._idle.append(st)
 
     def server_close(self) -> None:
         super().server_close()
@@ -68,6 +77,7 @@ class Dashboard(ThreadingHTTPServer):
             for st in self._states:
                 st.close()
             self._states.clear()
+            self._idle.clear()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -120,7 +130,8 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized(query):
             return self._error(HTTPStatus.FORBIDDEN, "open the URL `dstack ui` printed (it has the token)")
         try:
-            self._get(url.path, query)
+            with self.server.state() as state:
+                self._get(state, url.path, query)
         except NotFoundError as e:
             self._error(HTTPStatus.NOT_FOUND, str(e))
         except DstackError as e:
@@ -130,13 +141,12 @@ class Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
-    def _get(self, path: str, query: dict[str, list[str]]) -> None:
+    def _get(self, state: State, path: str, query: dict[str, list[str]]) -> None:
         from dstack.dashboard import views
 
         def arg(name: str) -> str:
             return query.get(name, [""])[0]
 
-        state = self.server.state()
         if path == "/":
             html = (STATIC / "index.html").read_text().replace("{{token}}", self.server.token)
             cookie = f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
@@ -195,21 +205,24 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError("not an object")
         except ValueError:
             return self._error(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-        state = self.server.state()
+        with self.server.state() as state:
+            self._act(state, url.path, body)
+
+    def _act(self, state: State, path: str, body: dict[str, Any]) -> None:
         try:
-            if url.path == "/api/stop":
+            if path == "/api/stop":
                 from dstack.runs import stop_run
 
                 run = stop_run(state, str(body.get("run", "")))
                 return self._json({"run": run.name, "status": run.status})
-            if url.path == "/api/tag":
+            if path == "/api/tag":
                 from dstack.tags import add_tag
 
                 tag = add_tag(state, str(body.get("name", "")), str(body.get("run", "")))
                 return self._json({"tag": tag.name, "run": tag.run_name})
         except DstackError as e:
             return self._error(HTTPStatus.BAD_REQUEST, str(e))
-        self._error(HTTPStatus.NOT_FOUND, f"no action {url.path}")
+        self._error(HTTPStatus.NOT_FOUND, f"no action {path}")
 
 
 def serve(port: int = 0) -> Dashboard:
