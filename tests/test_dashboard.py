@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import dstack
+from helpers import copy_example, dstack
 
 SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
 PIPELINE = """\
@@ -141,19 +141,36 @@ def test_requests_without_the_token_are_refused(make_repo, ui: str) -> None:
     assert base.startswith("http://127.0.0.1:")
 
 
-def test_the_pipeline_run_its_dag_and_a_metrics_chart_in_the_browser(make_repo, ui: str) -> None:
-    repo = make_repo({".dstack/workflows.yaml": PIPELINE})
-    dstack("run", "train", cwd=repo)
+def test_the_example_pipelines_run_its_dag_and_a_metrics_chart_in_the_browser(
+    tmp_path: Path, ui: str
+) -> None:
+    repo = copy_example("digits", tmp_path / "digits")
+    dstack("run", "evaluate", "--max_iter", "5", cwd=repo, timeout=120)
     run = last_run(repo)["name"]
     dom = browser(ui, screenshot="runs.png")
     assert run in dom and "status s-done" in dom
     page = browser(f"{ui}#/run/{run}", screenshot="run.png")
-    assert 'id="dag"' in page and ">prepare</text>" in page and ">train</text>" in page
-    assert 'data-series="mem"' in page and "<polyline" in page  # train's memory chart
-    assert "rows=10" in page  # its log
-    assert "weights.txt" in page  # its artifacts, with a download link
+    assert 'id="dag"' in page
+    assert all(f">{name}</text>" in page for name in ("prepare", "train", "evaluate"))
+    assert page.count("marker-end=") == 3  # prepare → train, prepare → evaluate, train → evaluate
+    assert 'data-series="mem"' in page and "<polyline" in page  # the selected job's memory chart
+    assert "accuracy:" in page  # evaluate's log
+    assert "eval/report.json" in page  # its artifacts, with a download link
     hosts = browser(f"{ui}#/hosts", screenshot="hosts.png")
     assert ">local</td>" in hosts
+
+
+def test_an_artifact_downloads_from_the_run_page_link(make_repo, ui: str) -> None:
+    repo = make_repo({".dstack/workflows.yaml": PIPELINE})
+    dstack("run", "train", cwd=repo)
+    run = last_run(repo)
+    base, token = ui.split("/?token=")
+    status, body = request(f"{base}/api/run?name={run['name']}&token={token}")
+    job = next(j for j in json.loads(body)["jobs"] if j["workflow"] == "train")
+    status, data = request(f"{base}/api/artifact?job={job['id']}&path=model/weights.txt&token={token}")
+    assert status == 200 and data == b"weights\n"
+    status, _ = request(f"{base}/api/artifact?job={job['id']}&path=../../etc/passwd&token={token}")
+    assert status == 404
 
 
 def test_log_lines_appear_while_a_job_runs_with_colours_and_progress_lines(make_repo, ui: str) -> None:

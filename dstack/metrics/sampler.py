@@ -244,7 +244,7 @@ def main():
     last = time.monotonic()
     out = open("metrics", "a")
     count = 0
-    wait = min(1.0, interval)  # the first sample comes soon, so short jobs get one too
+    wait = min(0.5, interval)  # the first samples come sooner (0.5, 1, 2 s…), so short jobs get some too
     while True:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -257,11 +257,13 @@ def main():
             except PermissionError:
                 pass
             time.sleep(min(0.25, max(0.01, deadline - time.monotonic())))
-        wait = interval if count < 10000 else interval * 4  # a week-long job's file stays small
+        wait = min(wait * 2, interval) if count < 10000 else interval * 4  # a week-long job: small file
         now = time.monotonic()
         dt = max(now - last, 1e-3)
         last = now
         procs = session_processes(leader, skip)
+        if not procs or os.path.exists("exit"):
+            return  # the job ended while we slept: a sample now would read as zero
         cpu = rd = wr = 0.0
         for pid, (ticks, _, r, w) in procs.items():
             before = prev.get(pid, (0, 0, 0, 0))

@@ -93,24 +93,29 @@ function dagSvg(jobs, selected) {
   jobs.forEach(d);
   const cols = {};
   jobs.forEach(j => (cols[depth[j.id]] = cols[depth[j.id]] || []).push(j));
-  const W = 170, H = 44, GX = 70, GY = 20, pos = {};
+  const W = 140, H = 44, GX = 46, GY = 26, pos = {};
   let maxRows = 1;
   for (const [c, list] of Object.entries(cols)) {
     maxRows = Math.max(maxRows, list.length);
-    list.forEach((j, i) => (pos[j.id] = { x: 10 + c * (W + GX), y: 10 + i * (H + GY) }));
+    list.forEach((j, i) => (pos[j.id] = { x: 10 + c * (W + GX), y: 30 + i * (H + GY) }));
   }
-  const width = 20 + Object.keys(cols).length * (W + GX) - GX, height = 20 + maxRows * (H + GY) - GY;
+  const width = 20 + Object.keys(cols).length * (W + GX) - GX, height = 40 + maxRows * (H + GY) - GY;
   let edges = "", nodes = "";
   for (const j of jobs) for (const u of j.upstream) if (pos[u]) {
     const a = pos[u], b = pos[j.id], x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
-    edges += `<path d="M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}" marker-end="url(#arrow)"/>`;
+    if (b.x - a.x > W + GX) {  // skips a column: arc over the boxes between, from top to top
+      const top = Math.min(a.y, b.y) - 14;
+      edges += `<path d="M${a.x + W / 2},${a.y} C${a.x + W / 2},${top} ${b.x + W / 2},${top} ${b.x + W / 2 - 1},${b.y}" marker-end="url(#arrow)"/>`;
+    } else {
+      edges += `<path d="M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}" marker-end="url(#arrow)"/>`;
+    }
   }
   for (const j of jobs) {
     const p = pos[j.id], c = COLORS[j.status] || "#8b93a7";
     nodes += `<g class="node${j.id === selected ? " sel" : ""}" data-job="${esc(j.id)}"><rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" fill="${c}33" stroke="${c}"/>
       <text x="${p.x + 12}" y="${p.y + 18}">${esc(j.workflow)}</text><text x="${p.x + 12}" y="${p.y + 35}" style="fill:${c};font-size:11px">${esc(j.status)}${j.runner ? " · " + esc(j.runner) : ""}</text></g>`;
   }
-  return `<svg class="dag" id="dag" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}">
+  return `<svg class="dag" id="dag" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" style="max-width:100%;height:auto">
     <defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" style="fill:#8b93a7;stroke:none"/></marker></defs>${edges}${nodes}</svg>`;
 }
 
