@@ -209,3 +209,21 @@ def test_a_tag_added_from_the_page_shows_on_the_tags_page(make_repo, ui: str) ->
     dom = browser(f"{ui}#/tags")
     assert '<span class="tag">best</span>' in dom and run in dom
     assert os.environ["DSTACK_HOME"]  # the page read the same state the CLI wrote
+
+
+def test_a_port_in_use_is_a_one_line_error(ui: str) -> None:
+    port = ui.split(":")[2].split("/")[0]
+    res = dstack("ui", "--no-open", "--port", port, check=False, timeout=30)
+    assert res.code == 2 and f"can't listen on 127.0.0.1:{port}" in res.err and "--port" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_the_token_lives_in_a_cookie_for_this_port_only(ui: str) -> None:
+    base, token = ui.split("/?token=")
+    with urllib.request.urlopen(ui, timeout=10) as resp:
+        cookie = resp.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    name = cookie.split("=", 1)[0]
+    assert name.endswith(base.rsplit(":", 1)[1])
+    assert request(f"{base}/api/tags", headers={"Cookie": f"{name}={token}"}) == (200, b"[]")
+    assert request(f"{base}/api/tags", headers={"Cookie": f"dstack_ui_token_1={token}"})[0] == 403

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dstack.dashboard")
 STATIC = Path(__file__).with_name("static")
-COOKIE = "dstack_ui_token"
+COOKIE = "dstack_ui_token_{port}"  # per port: cookies ignore ports, and two dashboards may run at once
 CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"  # no script but ours
 
 
@@ -97,7 +97,8 @@ class Handler(BaseHTTPRequestHandler):
         given = query.get("token", [""])[0] or self.headers.get("X-Dstack-Token", "")
         if not given:
             cookie = SimpleCookie(self.headers.get("Cookie", ""))
-            given = cookie[COOKIE].value if COOKIE in cookie else ""
+            name = COOKIE.format(port=self.server.port)
+            given = cookie[name].value if name in cookie else ""
         return bool(given) and hmac.compare_digest(given, self.server.token)
 
     # -- responses ------------------------------------------------------------------------------------
@@ -149,7 +150,8 @@ class Handler(BaseHTTPRequestHandler):
 
         if path == "/":
             html = (STATIC / "index.html").read_text().replace("{{token}}", self.server.token)
-            cookie = f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
+            name = COOKIE.format(port=self.server.port)
+            cookie = f"{name}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
             return self._send(200, html.encode(), "text/html; charset=utf-8", {"Set-Cookie": cookie})
         if path.startswith("/static/"):
             name = path.removeprefix("/static/")
