@@ -201,3 +201,33 @@ def test_follow_refreshes_until_the_run_ends(make_repo) -> None:
     res = dstack("metrics", last_run(repo), "--follow", "--json", "--every", "0.5", cwd=repo, timeout=60)
     assert res.out.count('"job_id"') >= 2  # one report per refresh, then it returned by itself
     assert json.loads(dstack("runs", "--json", cwd=repo).out)[0]["status"] == "done"
+
+
+def test_exit_137_near_the_jobs_memory_limit_reads_as_out_of_memory() -> None:
+    """Without a container, the kernel's kill shows as exit 137 with the peak close to what the job asked for."""
+    from dstack.metrics.track import oom_reason
+    from dstack.store.state import Job
+
+    job = Job(
+        id="job-oom", run_id="r", workflow="w", status="running", spec={"resources": {"memory_mib": 100}}
+    )
+    lines = [{"t": 1.0 + i, "mem": (40 + 6 * i) * 1024 * 1024} for i in range(10)]  # up to 94 MiB
+    store.ingest(job.id, "".join(json.dumps(x) + "\n" for x in lines).encode())
+    assert oom_reason(job, 137) == (
+        "ran out of memory (killed by the kernel, exit 137); peak memory 94.0 MiB of its 100.0 MiB limit"
+    )
+    assert oom_reason(job, 1) is None  # an ordinary failure
+    small = Job(
+        id="job-small", run_id="r", workflow="w", status="running", spec={"resources": {"memory_mib": 1000}}
+    )
+    store.ingest(small.id, b'{"t": 1, "mem": 1000000}\n')
+    assert oom_reason(small, 137) is None  # killed, but not for memory
+
+
+def test_a_job_killed_by_a_signal_is_not_called_out_of_memory(make_repo) -> None:
+    repo = make_repo(
+        {".dstack/workflows.yaml": "workflows:\n  - name: k\n    commands: ['sleep 1.2', 'kill -9 $$']\n"}
+    )
+    dstack("run", "k", cwd=repo, check=False)
+    reason = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["reason"]
+    assert "exited with code 137" in reason and "memory" not in reason
