@@ -13,23 +13,9 @@ MAX_LOG_CHUNK = 256 * 1024
 
 def runs_view(state: State) -> list[dict[str, Any]]:
     """Every run, newest first, with its tags (the page filters by workflow, tag and status)."""
-    tags: dict[str, list[str]] = {}
-    for tag in state.tags():
-        tags.setdefault(tag.run_id, []).append(tag.name)
-    return [
-        {
-            "name": r.name,
-            "workflow": r.workflow,
-            "status": r.status,
-            "reason": r.reason,
-            "branch": r.branch,
-            "commit": (r.commit_sha or "")[:8],
-            "tags": tags.get(r.id, []),
-            "created_at": r.created_at,
-            "finished_at": r.finished_at,
-        }
-        for r in state.runs()
-    ]
+    from dstack.store.dashboard import run_summaries
+
+    return [dict(r.__dict__) for r in run_summaries(state.db)]
 
 
 def _job(job: Job) -> dict[str, Any]:

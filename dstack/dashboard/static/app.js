@@ -10,7 +10,7 @@ const filters = { workflow: "", tag: "", status: "" };
 
 function esc(s) { return String(s ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }
 async function api(path) {
-  const r = await fetch(path, { credentials: "same-origin" });
+  const r = await fetch(path, { credentials: "include" });
   if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || r.statusText);
   return r.json();
 }
