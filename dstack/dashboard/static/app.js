@@ -57,7 +57,12 @@ function runsPage() {
     <table id="runs"><thead><tr><th>Run</th><th>Workflow</th><th>Status</th><th>Tags</th><th>Branch</th><th>Commit</th><th>Started</th><th>Duration</th><th>Reason</th></tr></thead><tbody></tbody></table>`;
   for (const k of ["workflow", "tag", "status"]) {
     const el = document.getElementById("f-" + k);
-    el.onchange = () => { filters[k] = el.value; render(); };
+    el.onchange = () => {
+      filters[k] = el.value;
+      const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v)).toString();
+      history.replaceState(null, "", "#/runs" + (q ? "?" + q : ""));
+      render();
+    };
   }
   let runs = [];
   function options(id, values, cur) {
@@ -269,7 +274,12 @@ async function tick() {
   timer = setTimeout(tick, 1500);
 }
 function route() {
-  const [, what, arg] = (location.hash || "#/runs").split("/");
+  const [path, query] = (location.hash || "#/runs").split("?");
+  const [, what, arg] = path.split("/");
+  if (what === "runs") {  // #/runs?workflow=train&tag=best&status=done: filters as a link
+    const params = new URLSearchParams(query || "");
+    for (const k of Object.keys(filters)) filters[k] = params.get(k) || "";
+  }
   for (const k of ["runs", "hosts", "tags"]) document.getElementById("nav-" + k).className = (what === k || (k === "runs" && what === "run")) ? "on" : "";
   page = { refresh: null };
   if (what === "run" && arg) runPage(decodeURIComponent(arg));
