@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dstack.errors import DstackError, HostError
+from dstack.metrics.track import track as track_metrics
 from dstack.store.state import ACTIVE_JOB, ACTIVE_RUN, ArtifactRow, Job, Run, State
 
 if TYPE_CHECKING:
@@ -278,6 +279,7 @@ class Orchestrator:
         else:
             if self._unreachable_since.pop(name, None) is not None:
                 self._mirror_log(runner, job)  # back: catch up on what it printed meanwhile
+        state = track_metrics(runner, job, state)  # mirror its samples; names an OOM kill (dstack.metrics)
         if state.status == "running":
             self._sync_real_time(runner, job)
             return

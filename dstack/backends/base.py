@@ -88,6 +88,10 @@ class Runner(ABC):
     def read_log(self, job_id: str, offset: int) -> bytes:
         """The job's output from byte `offset` on (what is there now)."""
 
+    def read_metrics(self, job_id: str, offset: int) -> bytes:
+        """The job's metrics samples (JSON lines, see dstack.metrics.sampler) from byte `offset` on."""
+        return b""
+
     @abstractmethod
     def stop_job(self, job_id: str) -> None:
         """End the job's whole process tree."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from dstack.backends.base import Capacity, GpuInfo, JobContext, JobState, Runner
 from dstack.backends.script import RUN_SH, job_env, render_env, render_job
+from dstack.metrics import sampler_source
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -139,6 +140,7 @@ class LocalRunner(Runner):
             f.write(render_env(job_env(ctx, passthrough)))
         (jd / "job.sh").write_text(render_job(ctx, str(jd), str(self.venvs), requirements_digest(ctx)))
         (jd / "run.sh").write_text(RUN_SH)
+        (jd / "sampler.py").write_text(sampler_source())  # metrics, started by run.sh
         self._procs[ctx.job_id] = subprocess.Popen(
             ["bash", str(jd / "run.sh")],
             cwd=jd,
@@ -177,6 +179,14 @@ class LocalRunner(Runner):
     def read_log(self, job_id: str, offset: int) -> bytes:
         try:
             with open(self.log_path(job_id), "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    def read_metrics(self, job_id: str, offset: int) -> bytes:
+        try:
+            with open(self.job_dir(job_id) / "metrics", "rb") as f:
                 f.seek(offset)
                 return f.read()
         except FileNotFoundError:

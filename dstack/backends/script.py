@@ -29,6 +29,8 @@ on_stop() {
   exit 143
 }
 trap on_stop TERM INT
+# metrics (dstack.metrics.sampler): one sampler per job appends to ./metrics until ./exit appears
+[ -f sampler.py ] && command -v python3 >/dev/null && { python3 sampler.py $$ >/dev/null 2>&1 </dev/null & }
 bash ./job.sh > log 2>&1 < /dev/null &
 child=$!
 wait "$child"

@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState, Runner
 from dstack.backends.script import RUN_SH, job_env, render_env, render_job
+from dstack.metrics import sampler_source
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -123,6 +124,7 @@ class SSHRunner(Runner):
             "env.sh": (render_env(job_env(ctx, passthrough)).encode(), 0o600),
             "job.sh": (job_sh.encode(), 0o644),
             "run.sh": (RUN_SH.encode(), 0o755),
+            "sampler.py": (sampler_source().encode(), 0o644),  # metrics, started by run.sh
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
             ".files": (transfer.materialize_records(placed), 0o600),
         }
@@ -193,6 +195,11 @@ class SSHRunner(Runner):
         from dstack.ssh import process
 
         return process.read_file(self.conn, f"{self.job_dir(job_id)}/log", offset)
+
+    def read_metrics(self, job_id: str, offset: int) -> bytes:
+        from dstack.ssh import process
+
+        return process.read_file(self.conn, f"{self.job_dir(job_id)}/metrics", offset)
 
     def stop_job(self, job_id: str) -> None:
         from dstack.ssh import process

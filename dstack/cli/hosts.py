@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from dstack.cli import new_app
+
+if TYPE_CHECKING:
+    from dstack.metrics.summary import HostUsage
 
 app = new_app(
     help="Runners: this machine (`local`), your hosts over SSH, and EC2 instances dstack launched.",
@@ -33,6 +38,9 @@ def hosts(
         busy: dict[str, list[str]] = {}
         for job in state.jobs(statuses=("starting", "running")):
             busy.setdefault(job.runner or "local", []).append(f"{job.run_name}/{job.workflow}")
+        from dstack.metrics.summary import host_usage
+
+        usage = host_usage(state)  # from the latest samples of jobs running there now
         cloud_info = {}
         for h in items:
             if h.kind == "ec2":
@@ -45,6 +53,7 @@ def hosts(
                 {
                     **h.to_json(),
                     "jobs": busy.get(h.name, []),
+                    "usage": usage[h.name].to_json() if h.name in usage else None,
                     **({"cloud": cloud_info[h.name]} if h.name in cloud_info else {}),
                 }
                 for h in items
@@ -76,10 +85,24 @@ def hosts(
                 ui.status(status)
                 if status == "ready"
                 else ui.status("failed" if status == "unreachable" else status),
+                *_usage_cells(usage.get(h.name)),
                 ", ".join(busy.get(h.name, [])) or (h.last_error or ""),
             ]
         )
-    ui.table(["Host", "Kind", "Address", "CPUs", "Memory", "GPUs", "Docker", "Status", "Jobs"], rows)
+    columns = ["Host", "Kind", "Address", "CPUs", "Memory", "GPUs", "Docker", "Status"]
+    ui.table([*columns, "CPU use", "Mem use", "GPU use", "Jobs"], rows)
+
+
+def _usage_cells(u: HostUsage | None) -> list[str]:
+    """CPU %, memory used (and %) and GPU % of a host now; blanks when nothing running there sampled it."""
+    if u is None or u.cpu_percent is None:
+        return ["", "", ""]
+    from dstack.metrics.summary import human_bytes
+
+    mem = ""
+    if u.memory_used is not None and u.memory_total:
+        mem = f"{human_bytes(u.memory_used)} ({u.memory_used / u.memory_total:.0%})"
+    return [f"{u.cpu_percent:.0f}%", mem, "" if u.gpu_util is None else f"{u.gpu_util:.0f}%"]
 
 
 def _cloud(as_json: bool) -> None:

@@ -9,7 +9,9 @@ import typer
 
 from dstack.cli import artifacts as artifacts_cli
 from dstack.cli import config as config_cli
+from dstack.cli import dashboard as dashboard_cli
 from dstack.cli import hosts as hosts_cli
+from dstack.cli import metrics as metrics_cli
 from dstack.cli import new_app
 from dstack.cli import project as project_cli
 from dstack.cli import run as run_cli
@@ -49,6 +51,8 @@ def root(
 run_cli.register(app)
 runs_cli.register(app)
 project_cli.register(app)
+metrics_cli.register(app)
+dashboard_cli.register(app)
 app.add_typer(artifacts_cli.app, name="artifacts")
 app.add_typer(tags_cli.app, name="tags")
 app.add_typer(hosts_cli.app, name="hosts")
