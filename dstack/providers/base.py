@@ -60,10 +60,15 @@ def fail(workflow: Workflow, message: str, hint: str | None = None) -> NoReturn:
 
 
 def base_spec(workflow: Workflow, provider: str, commands: list[str], **fields: Any) -> JobSpec:
-    """A job spec with everything common to providers; variables reach the job as `name` and `NAME`."""
+    """A job spec with everything common to providers; variables reach the job as `name` and `NAME`
+    (`batch-size` as `batch_size`), and the commands' `${{ x }}` references are defined first."""
+    from dstack.workflows.variables import env_name, shell_definitions
+
     env: dict[str, str] = {}
     notices = list(workflow.notices)
-    for key, value in workflow.variables.items():
+    commands = [*shell_definitions(commands, workflow.variables), *commands]
+    for name, value in workflow.variables.items():
+        key = env_name(name)
         env[key] = value
         upper = key.upper()
         if upper != key and upper in PROTECTED_ENV:
