@@ -41,6 +41,8 @@ def resolve_graph(
     project: Project, target: str, overrides: dict[str, str], args: list[str], state: State
 ) -> list[Node]:
     """The jobs `dstack run TARGET` needs, upstream first; a cycle, unknown workflow or tag is an error."""
+    from dstack.workflows.variables import find_variable
+
     known_vars: set[str] = set()
     nodes: dict[str, Node] = {}
     order: list[Node] = []
@@ -56,7 +58,7 @@ def resolve_graph(
             )
         variables = project.variables(name)
         known_vars.update(variables)
-        own = {k: v for k, v in overrides.items() if k in variables}
+        own = {k: v for k, v in overrides.items() if find_variable(variables, k) is not None}
         spec = project.job_spec(name, own, args if name == target else [])
         node = Node(name, spec)
         for dep in spec.depends_on:
@@ -84,7 +86,7 @@ def resolve_graph(
             hint=_near(target, names) or "see `dstack run --help` for the workflows",
         )
     visit(target, [])
-    unknown = sorted(set(overrides) - known_vars)
+    unknown = sorted(k for k in overrides if find_variable(dict.fromkeys(known_vars, ""), k) is None)
     if unknown:
         hint = ", ".join(sorted(known_vars)) or "none"
         raise UsageError(

@@ -392,7 +392,7 @@ class Project:
         if isinstance(sections, VariableSections):
             problems += sections.errors.values()
             for section, (file, line) in sections.lines.items():
-                if section != "global" and section not in self._entries:
+                if section != "global" and section not in self._entries and not self._file_errors:
                     near = difflib.get_close_matches(section, list(self._entries), n=1)
                     problems.append(
                         ConfigError(
