@@ -263,3 +263,26 @@ def test_quote_env_value_expands_only_references(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"/h/bin:{os.environ['PATH']}|{env['B']}|multi\nline|"
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("provider", ["torchrun", "fastapi", "lab", "python"])
+def test_every_provider_defines_the_variables_its_commands_refer_to(tmp_path: Path, provider: str) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            ".dstack/workflows.yaml": f"""\
+workflows:
+  - name: w
+    provider: {provider}
+    script: train.py
+    app: main:app
+    args: --lr ${{{{ lr }}}}
+    commands: ["echo 'lr=${{{{ lr }}}}'"]
+""",
+            ".dstack/variables.yaml": 'variables:\n  w:\n    lr: "$(touch pwned)"\n',
+        },
+    )
+    spec = load_project(root).job_spec("w")
+    assert spec.commands[0] == "DSTACK_VAR_lr='$(touch pwned)'"
+    assert spec.commands[1] == "echo 'lr='\"${DSTACK_VAR_lr}\"''"
+    assert provider == "lab" or '--lr "${DSTACK_VAR_lr}"' in spec.commands[-1]
