@@ -166,6 +166,30 @@ workflows:
     assert (got / "output/hello.txt").read_text() == "Hello world\n"
 
 
+def test_artifact_folders_exist_on_an_ssh_host_too(make_repo, sshd_factory, tmp_path: Path) -> None:
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
+workflows:
+  - name: hello
+    commands:
+      - echo "Hello world" > output/hello.txt
+      - echo "pickled" > model.pkl
+    artifacts:
+      - path: ./output
+      - model.pkl
+"""
+        }
+    )
+    server = sshd_factory.loopback()
+    dstack("hosts", "add", server.address, "--name", "box", "-i", str(server.key), "--yes", cwd=repo)
+    dstack("run", "hello", "--host", "box", cwd=repo, timeout=120)
+    got = tmp_path / "got"
+    dstack("artifacts", "download", last_run(repo), "-o", str(got), cwd=repo)
+    assert (got / "output/hello.txt").read_text() == "Hello world\n"
+    assert (got / "model.pkl").read_text() == "pickled\n"
+
+
 def test_dependencies_is_depends_on_and_only_the_prototype_is_refused(make_repo) -> None:
     repo = make_repo(
         {
@@ -220,6 +244,11 @@ workflows:
             5,
             "write `gpu: 0`",
         ),
+        (  # the same in variables.yaml: every workflow needs it, so the listing fails too
+            "variables:\n  train:\n    gpu: 0\n  other:\n  gpu:0\n",
+            5,
+            "write `gpu: 0`",
+        ),
         (  # the Jinja-like form
             "workflows:\n  - name: train\n    commands:\n      - echo hi\n    resources:\n      gpu: {{gpu}}\n",
             6,
@@ -230,17 +259,20 @@ workflows:
 def test_yaml_that_is_not_valid_fails_every_command_with_one_line(
     make_repo, yaml_text: str, line: int, says: str
 ) -> None:
-    repo = make_repo(
-        {".dstack/workflows.yaml": yaml_text, ".dstack/variables.yaml": "variables:\n  train:\n    gpu: 0\n"}
-    )
+    file = "variables.yaml" if yaml_text.startswith("variables") else "workflows.yaml"
+    files = {".dstack/workflows.yaml": "workflows:\n  - name: train\n    commands: [echo]\n"}
+    files[f".dstack/{file}"] = yaml_text
+    repo = make_repo(files)
     for args in (("run", "--help"), ("run", "train"), ("run", "train", "--help"), ("validate",)):
         res = dstack(*args, cwd=repo, check=False)
-        if args == ("run", "--help") and line == 5:  # valid YAML, one broken workflow: listed as broken
-            assert res.code == 0 and f".dstack/workflows.yaml:{line}:" in res.out and says in res.out
+        if (
+            args == ("run", "--help") and file == "workflows.yaml" and line == 5
+        ):  # valid YAML, one broken workflow: listed as broken
+            assert res.code == 0 and f".dstack/{file}:{line}:" in res.out and says in res.out
             continue
         assert res.code != 0, (args, res.out)
         [error] = res.err.strip().splitlines()
-        assert f".dstack/workflows.yaml:{line}:" in error and says in error, (args, error)
+        assert f".dstack/{file}:{line}:" in error and says in error, (args, error)
         assert "Usage" not in res.out or args == ("run", "--help"), (args, res.out)
 
 
