@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dstack.errors import ConfigError
+from dstack.workflows.shellcontext import Piece, placeholders, render
 from dstack.workflows.yamlfile import YMap, scalar_text
 
 RESERVED_IN_SHELL = {"run_name": "RUN_NAME", "job_id": "JOB_ID"}  # set by the runner for every job
@@ -65,10 +66,6 @@ def shell_definitions(commands: list[str], variables: Mapping[str, str]) -> list
     return lines
 
 
-# A piece of a substituted value: literal text (safe in any context) or a shell variable's name.
-_Piece = tuple[str, bool]  # (text, is_reference)
-
-
 @dataclass
 class Substituter:
     """Substitutes `${{ … }}` for one workflow: `shell()` for shell lines, `plain()` for other fields."""
@@ -87,7 +84,7 @@ class Substituter:
         parsed by the shell, whatever quotes the author put around them."""
         out: list[str] = []
         pos = 0
-        for match, context in _placeholders(text):
+        for match, context in placeholders(text, _SHELL):
             out.append(text[pos : match.start()])
             pieces = self._shell_pieces(match, where, line)
             if context == "quoted-heredoc":
@@ -98,7 +95,7 @@ class Substituter:
                     line=line,
                     hint="write <<EOF instead of <<'EOF' to use variables in it",
                 )
-            out.append(self._render_args(context) if pieces is None else _render(pieces, context))
+            out.append(self._render_args(context) if pieces is None else render(pieces, context))
             pos = match.end()
         out.append(text[pos:])
         return "".join(out)
@@ -128,13 +125,13 @@ class Substituter:
             return " ".join(self.args)
         return self.variables[name]
 
-    def _shell_pieces(self, match: re.Match[str], where: str, line: int | None) -> list[_Piece] | None:
+    def _shell_pieces(self, match: re.Match[str], where: str, line: int | None) -> list[Piece] | None:
         """What a placeholder stands for, or None for `${{ run.args }}` (the run's own arguments)."""
         name = ARGS_NAMES[0] if match.group("expr") is None else self._name(match, where, line)
         if name in RESERVED_IN_SHELL:
             return [(RESERVED_IN_SHELL[name], True)]
         if name in ARGS_NAMES:
-            pieces: list[_Piece] = []
+            pieces: list[Piece] = []
             for i, key in enumerate(self.variables):
                 pieces += [(f"{' ' if i else ''}--{key} ", False), (SHELL_PREFIX + env_name(key), True)]
             return pieces
@@ -152,131 +149,6 @@ class Substituter:
         if context == "heredoc":
             return "".join("\\" + c if c in "\\`$" else c for c in joined)
         return "'" + shlex.quote(joined) + ("'" if context == "single" else "$'")
-
-
-def _render(pieces: list[_Piece], context: str) -> str:
-    """Literal text and references written for their context: `"${V}"` bare, `${V}` inside double quotes
-    or a here-document, `'"${V}"'` inside single quotes (closed and reopened), `'"${V}"$'` inside $'…'."""
-    if context in ("single", "ansi"):
-        inner = "".join("${" + t + "}" if ref else t for t, ref in pieces)
-        return "'\"" + inner + '"' + ("'" if context == "single" else "$'")
-    if context in ("double", "heredoc"):
-        return "".join("${" + t + "}" if ref else t for t, ref in pieces)
-    return "".join('"${' + t + '}"' if ref else t for t, ref in pieces)
-
-
-_BARE_LIKE = ("bare", "cmdsub", "paren", "backtick")
-_WORD_START = set(" \t\n;&|()<>")
-_HEREDOC = re.compile(r"<<(-?)[ \t]*(?:'([^'\n]*)'|\"([^\"\n]*)\"|\\?([^\s;&|<>()'\"]+))")
-
-
-def _placeholders(text: str) -> list[tuple[re.Match[str], str]]:
-    """Every placeholder in a shell text with the quoting it sits in: bare, double, single, ansi ($'…'),
-    heredoc (<<EOF body) or quoted-heredoc (<<'EOF' body), tracking quotes, $(…), `…`, ${…} and comments."""
-    found: list[tuple[re.Match[str], str]] = []
-    stack = ["bare"]
-    pending: list[tuple[str, bool, bool]] = []  # here-documents that start at the next newline
-    i, n = 0, len(text)
-
-    def context() -> str:
-        for state in reversed(stack):
-            if state != "brace":
-                return "bare" if state in _BARE_LIKE else state
-        return "bare"
-
-    while i < n:
-        match = _SHELL.match(text, i)
-        if match:
-            found.append((match, context()))
-            i = match.end()
-            continue
-        c, top = text[i], stack[-1]
-        if top == "single":
-            if c == "'":
-                stack.pop()
-        elif top == "ansi":
-            if c == "\\":
-                i += 1
-            elif c == "'":
-                stack.pop()
-        elif top == "double":
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                stack.pop()
-            elif text.startswith("$(", i):
-                stack.append("cmdsub")
-                i += 1
-            elif text.startswith("${", i):
-                stack.append("brace")
-                i += 1
-            elif c == "`":
-                stack.append("backtick")
-        else:  # bare, $(…), (…), `…`, ${…}
-            if c == "\\":
-                i += 1
-            elif c == "'":
-                stack.append("single")
-            elif c == '"':
-                stack.append("double")
-            elif text.startswith("$'", i):
-                stack.append("ansi")
-                i += 1
-            elif text.startswith("$(", i):
-                stack.append("cmdsub")
-                i += 1
-            elif text.startswith("${", i):
-                stack.append("brace")
-                i += 1
-            elif c == "(" and top != "brace":
-                stack.append("paren")
-            elif c == ")" and top in ("cmdsub", "paren"):
-                stack.pop()
-            elif c == "}" and top == "brace":
-                stack.pop()
-            elif c == "`":
-                if top == "backtick":
-                    stack.pop()
-                else:
-                    stack.append("backtick")
-            elif c == "#" and (i == 0 or text[i - 1] in _WORD_START):
-                end = text.find("\n", i)
-                end = n if end < 0 else end
-                found += [(m, "bare") for m in _SHELL.finditer(text, i, end)]
-                i = end
-                continue
-            elif text.startswith("<<", i) and not text.startswith("<<<", i):
-                doc = _HEREDOC.match(text, i)
-                if doc:
-                    quoted = doc.group(4) is None or text[doc.start(4) - 1] == "\\"
-                    delimiter = next(g for g in doc.group(2, 3, 4) if g is not None)
-                    pending.append((delimiter, quoted, bool(doc.group(1))))
-                    i = doc.end()
-                    continue
-            elif c == "\n" and pending:
-                i = _skip_heredocs(text, i + 1, pending, found)
-                pending = []
-                continue
-        i += 1
-    return found
-
-
-def _skip_heredocs(
-    text: str, i: int, pending: list[tuple[str, bool, bool]], found: list[tuple[re.Match[str], str]]
-) -> int:
-    """Read the bodies of `pending` here-documents from `i`; record their placeholders; return where the
-    shell text goes on."""
-    for delimiter, quoted, strip_tabs in pending:
-        while i < len(text):
-            end = text.find("\n", i)
-            end = len(text) if end < 0 else end
-            body_line = text[i:end]
-            if (body_line.lstrip("\t") if strip_tabs else body_line) == delimiter:
-                i = end + 1
-                break
-            found += [(m, "quoted-heredoc" if quoted else "heredoc") for m in _SHELL.finditer(text, i, end)]
-            i = end + 1
-    return i
 
 
 @dataclass
