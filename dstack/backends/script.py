@@ -127,6 +127,8 @@ def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_diges
         keys = list(job_env(ctx)) + [k for k in spec.passthrough_env if k not in spec.env]
         shebang, _, rest = render_container_job(ctx, job_dir, keys).partition("\n")
         return "\n".join([shebang, *folders, rest])
+    if folders:  # those the job left empty go again, so they read as "not produced", as before
+        folders.append("trap 'dstack_rc=$?; rmdir -- \"${made[@]}\" 2>/dev/null || :; exit $dstack_rc' EXIT")
     parts = [
         "#!/usr/bin/env bash",
         *folders,
@@ -143,7 +145,8 @@ def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_diges
 def artifact_folders(workdir: str, declared: list[str]) -> list[str]:
     """Lines that create the declared artifact folders the repo state lacks, as the 2022 runners did: a
     path ending in '/' or whose last part has no suffix (`output`, `./checkpoints`) is a folder; for any
-    other (`model.pkl`, `out/log.txt`) only its parent is. Absolute paths and `..` are left alone."""
+    other (`model.pkl`, `out/log.txt`) only its parent is. Absolute paths and `..` are left alone. The
+    folders made are listed in the bash array `made`."""
     import posixpath
 
     lines = []
@@ -156,5 +159,5 @@ def artifact_folders(workdir: str, declared: list[str]) -> list[str]:
         if folder in ("", "."):
             continue
         q = shlex.quote(f"{workdir}/{folder}")
-        lines.append(f"[ -e {q} ] || [ -L {q} ] || mkdir -p -- {q} || exit 1")
-    return list(dict.fromkeys(lines))
+        lines.append(f"[ -e {q} ] || [ -L {q} ] || {{ mkdir -p -- {q} && made+=({q}); }} || exit 1")
+    return ["made=()", *dict.fromkeys(lines)] if lines else []
