@@ -147,10 +147,14 @@ class _NotHere(ConfigError):
 
     def __init__(self, node: yaml.Node) -> None:
         inner = node.value[0][0] if isinstance(node, yaml.MappingNode) and len(node.value) == 1 else None
-        name = str(inner.value).strip() if isinstance(inner, yaml.ScalarNode) else "name"
+        line = node.start_mark.line + 1
+        if not isinstance(inner, yaml.ScalarNode):
+            super().__init__("not valid YAML here: a mapping or list used as a key", line=line)
+            return
+        name = str(inner.value).strip()
         super().__init__(
             f"not valid YAML here: `{{{{{name}}}}}` is read as a mapping inside a mapping",
-            line=node.start_mark.line + 1,
+            line=line,
             hint=f"write `${{{{ {name} }}}}` for the variable (quote the value if it starts with '{{')",
         )
 
