@@ -41,6 +41,8 @@ def resolve_graph(
     project: Project, target: str, overrides: dict[str, str], args: list[str], state: State
 ) -> list[Node]:
     """The jobs `dstack run TARGET` needs, upstream first; a cycle, unknown workflow or tag is an error."""
+    from dstack.workflows.variables import find_variable
+
     known_vars: set[str] = set()
     nodes: dict[str, Node] = {}
     order: list[Node] = []
@@ -49,7 +51,7 @@ def resolve_graph(
     def make(name: str) -> Node:
         variables = project.variables(name)
         known_vars.update(variables)
-        own = {k: v for k, v in overrides.items() if k in variables}
+        own = {k: v for k, v in overrides.items() if find_variable(variables, k) is not None}
         return Node(name, project.job_spec(name, own, args if name == target else []))
 
     if target not in names:
@@ -88,7 +90,7 @@ def resolve_graph(
             raise _cycle(project, [*path[path.index(dep.workflow) :], dep.workflow])
         on_path.add(dep.workflow)
         stack.append((make(dep.workflow), 0))
-    unknown = sorted(set(overrides) - known_vars)
+    unknown = sorted(k for k in overrides if find_variable(dict.fromkeys(known_vars, ""), k) is None)
     if unknown:
         hint = ", ".join(sorted(known_vars)) or "none"
         raise UsageError(

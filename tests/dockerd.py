@@ -413,29 +413,36 @@ def python_image(docker_engine: docker.DockerClient) -> str:
         raise
 
 
-def _site_modules(imports: str) -> list[str]:
-    """The top-level site-packages entries (packages, modules, bundled `.libs`) that `import …` loads."""
+def _site_modules(imports: str) -> list[tuple[str, str]]:
+    """(site folder, top-level entry) for each package, module or bundled `.libs` that `import …` loads
+    in this interpreter: from every site-packages folder on its sys.path, a virtualenv's included."""
     probe = (
-        f"import sys, sysconfig, os; import {imports}\n"
-        "site = sysconfig.get_paths()['purelib']\n"
-        "names = set()\n"
+        f"import sys, os; import {imports}\n"
+        "sites = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-packages')"
+        " and os.path.isdir(p)]\n"
+        "found = set()\n"
         "for m in list(sys.modules.values()):\n"
         "    f = getattr(m, '__file__', None) or ''\n"
-        "    if f.startswith(site + os.sep):\n"
-        "        names.add(f[len(site) + 1:].split(os.sep)[0])\n"
-        "names |= {n for n in os.listdir(site) if n.endswith('.libs')}\n"
-        "print('\\n'.join(sorted(names)))\n"
+        "    for site in sites:\n"
+        "        if f.startswith(site + os.sep):\n"
+        "            found.add((site, f[len(site) + 1:].split(os.sep)[0]))\n"
+        "            break\n"
+        "for site in sites:\n"
+        "    found |= {(site, n) for n in os.listdir(site) if n.endswith('.libs')}\n"
+        "print('\\n'.join(sorted(site + '\\t' + name for site, name in found)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise EngineUnavailable(f"this Python can't import {imports}: {proc.stderr.strip()[-200:]}")
-    return proc.stdout.split()
+    return [(site, name) for site, _, name in (row.partition("\t") for row in proc.stdout.splitlines())]
 
 
-def _add_site_packages(fs: RootFs, names: list[str]) -> None:
-    """Packages from this interpreter's site-packages (and the system libraries their extensions need)."""
-    site = Path(sysconfig.get_paths()["purelib"])
-    for name in names:
+def _add_site_packages(fs: RootFs, entries: list[tuple[str, str]]) -> None:
+    """Packages from this interpreter's site folders at their host paths (and the system libraries their
+    extensions need), on the image's Python path through a `.pth` file in the base interpreter's own
+    site-packages (the image runs the base interpreter, not a virtualenv's)."""
+    for site_dir, name in entries:
+        site = Path(site_dir)
         root = site / name
         if root.is_file():
             fs.add_file(root)
@@ -453,7 +460,10 @@ def _add_site_packages(fs: RootFs, names: list[str]) -> None:
                     for lib in _shared_libraries(path):
                         if not str(lib).startswith(str(site)):
                             fs.add_file(lib)
-    fs.texts[str(site / "dstack-test-ml.pth")] = ""  # site-packages exists even when nothing else is there
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+    base_site = sysconfig.get_paths(vars=base)["purelib"]
+    sites = sorted({site for site, _ in entries})
+    fs.texts[str(Path(base_site) / "dstack-test-ml.pth")] = "".join(f"{s}\n" for s in sites)
 
 
 @pytest.fixture(scope="session")

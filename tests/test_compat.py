@@ -362,7 +362,7 @@ def test_custom_provider_shadows_builtin_and_says_so(tmp_path: Path) -> None:
     project = load_project(root)
     spec = project.job_spec("w")
     assert spec.image == "python:3.9-slim"
-    assert spec.commands == ["echo custom 1e-3", "echo mine"]
+    assert spec.commands == ["DSTACK_VAR_lr=1e-3", 'echo custom "${DSTACK_VAR_lr}"', "echo mine"]
     assert spec.notices == ["provider 'python' comes from .dstack/providers.yaml:2, not the built-in one"]
     c = project.job_spec("c")
     assert run_spec(root, c) == "conda\nafter\n" and c.notices == []
@@ -462,7 +462,7 @@ def test_help_template_artifacts_args_triggers(tmp_path: Path) -> None:
     assert run_spec(root, derived) == "derived 1\n"
 
 
-def test_pre_release_syntax_names_the_renames(tmp_path: Path) -> None:
+def test_pre_release_syntax_names_the_renames_but_dependencies_is_read(tmp_path: Path) -> None:
     root = make_repo(
         tmp_path,
         {
@@ -479,9 +479,8 @@ def test_pre_release_syntax_names_the_renames(tmp_path: Path) -> None:
     project = load_project(root)
     assert project.names() == ["train"]
     assert str(project.error("train")) == (
-        ".dstack/workflows.yaml:2: pre-release syntax ('id', 'dependencies', 'params') — "
-        "rename 'id' to 'name'; rename 'dependencies' to 'depends-on'; "
-        "move 'params' to .dstack/variables.yaml under the workflow's name"
+        ".dstack/workflows.yaml:2: pre-release syntax ('id', 'params') — "
+        "rename 'id' to 'name'; move 'params' to .dstack/variables.yaml under the workflow's name"
     )
 
 

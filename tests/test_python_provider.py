@@ -112,7 +112,11 @@ def test_a_failing_install_fails_the_job(make_repo) -> None:
 def test_without_requirements_the_job_uses_the_runner_python(make_repo) -> None:
     repo = python_repo(make_repo, "workflows:\n  - name: train\n    provider: python\n    script: train.py\n")
     res = dstack("run", "train", cwd=repo, timeout=60)
-    assert "venv False greeting None args []" in res.out
+    # the runner's own `python3`, as it is: itself a virtualenv's when the tests run from one
+    probe = "import sys; print(sys.prefix != sys.base_prefix)"
+    runner_is_venv = subprocess.run(["python3", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert f"venv {runner_is_venv.stdout.strip()} greeting None args []" in res.out
+    assert INSTALLING not in res.err
 
 
 def _real_python(version: str) -> str | None:

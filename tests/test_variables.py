@@ -12,7 +12,13 @@ from helpers import git_repo_with as make_repo
 from dstack.errors import ConfigError, UsageError
 from dstack.specs import JobSpec
 from dstack.workflows import load_project
-from dstack.workflows.variables import Substituter, config_args, expand_env, quote_env_value
+from dstack.workflows.variables import (
+    Substituter,
+    config_args,
+    expand_env,
+    quote_env_value,
+    shell_definitions,
+)
 
 
 def run_spec(root: Path, spec: JobSpec) -> str:
@@ -139,20 +145,21 @@ def test_unknown_variable_in_field(tmp_path: Path) -> None:
     )
 
 
-def test_variable_name_must_be_identifier(tmp_path: Path) -> None:
+def test_variable_names_may_have_hyphens_but_nothing_else(tmp_path: Path) -> None:
     root = make_repo(
         tmp_path,
         {
-            ".dstack/workflows.yaml": "workflows:\n  - name: w\n    commands: [echo]\n",
-            ".dstack/variables.yaml": "variables:\n  w:\n    learning-rate: 1\n",
+            ".dstack/workflows.yaml": "workflows:\n  - name: w\n    commands: [echo]\n"
+            "  - name: v\n    commands: [echo]\n  - name: u\n    commands: [echo]\n",
+            ".dstack/variables.yaml": "variables:\n  w:\n    learning-rate: 1\n  v:\n    lr!: 1\n"
+            "  u:\n    batch-size: 1\n    batch_size: 2\n",
         },
     )
     project = load_project(root)
-    assert project.names() == ["w"]
-    error = project.error("w")
-    assert error is not None
-    assert str(error).startswith(
-        ".dstack/variables.yaml:3: variable name 'learning-rate' is not an identifier"
+    assert project.error("w") is None and project.variables("w") == {"learning-rate": "1"}
+    assert str(project.error("v")).startswith(".dstack/variables.yaml:5: variable name 'lr!' is not a name")
+    assert str(project.error("u")).startswith(
+        ".dstack/variables.yaml:8: variables 'batch-size' and 'batch_size' are the same variable $batch_size"
     )
 
 
@@ -171,13 +178,49 @@ def test_configs_yaml_older_form(tmp_path: Path) -> None:
 
 def test_substituter_modes() -> None:
     s = Substituter({"a": "x y"}, ["p q"], file="f")
-    assert s.shell("echo ${{a}} ${{ run.args }}", "commands", 1) == "echo 'x y' 'p q'"
+    assert s.shell("echo ${{a}} ${{ run.args }}", "commands", 1) == "echo \"${DSTACK_VAR_a}\" 'p q'"
     assert s.plain("dir/${{ a }}/${{ job_id }}", "artifacts", 1) == "dir/x y/${{ job_id }}"
     assert (
         s.shell("$config_args $config_argsX ${config_args}", "commands", 1)
-        == "--a 'x y' $config_argsX --a 'x y'"
+        == '--a "${DSTACK_VAR_a}" $config_argsX --a "${DSTACK_VAR_a}"'
     )
     assert config_args({"n": "it's"}) == "--n 'it'\"'\"'s'"
+    assert shell_definitions(['echo "${DSTACK_VAR_a}"'], {"a": "it's"}) == ["DSTACK_VAR_a='it'\"'\"'s'"]
+
+
+HOSTILE = "$(touch {p}) `touch {p}` ' \" \\ $HOME ${{x}} ; touch {p} #"
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ('echo "x=${{ x }}"', "x={v}"),
+        ("echo 'y=${{ x }}'", "y={v}"),
+        ("echo z=${{ x }}", "z={v}"),
+        ("echo $'a=${{ x }}'", "a={v}"),
+        ('echo "$(echo \'${{ x }}\')" `echo "${{ x }}"`', "{v} {v}"),
+        ("printf '%s|' ${{ variables_as_args }} \"$config_args\"", "--x|{v}|--x {v}|"),
+        ("cat <<EOF\nh=${{ x }} \"q\" 'r'\nEOF", "h={v} \"q\" 'r'"),
+        ("echo ${unset:-${{ x }}} # it's ${{ x }}", "{v}"),
+    ],
+)
+def test_values_stay_data_in_every_quoting_context(tmp_path: Path, command: str, expected: str) -> None:
+    """`--x '$(touch /tmp/p)'` (issue 13, item 5): whatever quotes surround `${{ x }}`, the value is printed."""
+    mark = tmp_path / "p"
+    value = HOSTILE.format(p=mark)
+    s = Substituter({"x": value}, [], file="f")
+    line = s.shell(command, "commands", 1)
+    script = "\n".join(["set -e", *shell_definitions([line], s.variables), line])
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip("\n") == expected.format(v=value)
+    assert not mark.exists()
+
+
+def test_a_quoted_here_document_refuses_variables() -> None:
+    s = Substituter({"x": "1"}, [], file="f")
+    with pytest.raises(ConfigError, match="quoted here-document"):
+        s.shell("cat <<'EOF'\n${{ x }}\nEOF", "commands", 3)
 
 
 def test_variable_named_path_does_not_replace_path(tmp_path: Path) -> None:
@@ -220,3 +263,26 @@ def test_quote_env_value_expands_only_references(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"/h/bin:{os.environ['PATH']}|{env['B']}|multi\nline|"
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("provider", ["torchrun", "fastapi", "lab", "python"])
+def test_every_provider_defines_the_variables_its_commands_refer_to(tmp_path: Path, provider: str) -> None:
+    root = make_repo(
+        tmp_path,
+        {
+            ".dstack/workflows.yaml": f"""\
+workflows:
+  - name: w
+    provider: {provider}
+    script: train.py
+    app: main:app
+    args: --lr ${{{{ lr }}}}
+    commands: ["echo 'lr=${{{{ lr }}}}'"]
+""",
+            ".dstack/variables.yaml": 'variables:\n  w:\n    lr: "$(touch pwned)"\n',
+        },
+    )
+    spec = load_project(root).job_spec("w")
+    assert spec.commands[0] == "DSTACK_VAR_lr='$(touch pwned)'"
+    assert spec.commands[1] == "echo 'lr='\"${DSTACK_VAR_lr}\"''"
+    assert provider == "lab" or '--lr "${DSTACK_VAR_lr}"' in spec.commands[-1]

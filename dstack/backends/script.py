@@ -121,14 +121,19 @@ def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_diges
     """The job's own script: environment, working directory, python set-up, then the commands with `set -e`;
     for a job with an image, the `docker run` of those commands on the runner instead."""
     spec = ctx.spec
+    workdir = f"{job_dir}/work/{ctx.working_subdir}/{spec.working_dir}".replace("/./", "/")
+    folders = artifact_folders(workdir, [a.path for a in spec.artifacts])
     if spec.image:
         from dstack.backends.docker import render_container_job
 
         keys = list(job_env(ctx)) + [k for k in spec.passthrough_env if k not in spec.env]
-        return render_container_job(ctx, job_dir, keys)
-    workdir = f"{job_dir}/work/{ctx.working_subdir}/{spec.working_dir}".replace("/./", "/")
+        shebang, _, rest = render_container_job(ctx, job_dir, keys).partition("\n")
+        return "\n".join([shebang, *folders, rest])
+    if folders:  # those the job left empty go again, so they read as "not produced", as before
+        folders.append("trap 'dstack_rc=$?; rmdir -- \"${made[@]}\" 2>/dev/null || :; exit $dstack_rc' EXIT")
     parts = [
         "#!/usr/bin/env bash",
+        *folders,
         "set -e",
         f"export DSTACK_JOB_DIR={shlex.quote(job_dir)}",
         f". {shlex.quote(job_dir + '/env.sh')}",
@@ -137,3 +142,24 @@ def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_diges
     ]
     parts += spec.commands
     return "\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+
+
+def artifact_folders(workdir: str, declared: list[str]) -> list[str]:
+    """Lines that create the declared artifact folders the repo state lacks, as the 2022 runners did: a
+    path ending in '/' or whose last part has no suffix (`output`, `./checkpoints`) is a folder; for any
+    other (`model.pkl`, `out/log.txt`) only its parent is. Absolute paths and `..` are left alone. The
+    folders made are listed in the bash array `made`."""
+    import posixpath
+
+    lines = []
+    for path in declared:
+        norm = posixpath.normpath(path)
+        if path.startswith("/") or norm == ".." or norm.startswith("../"):
+            continue
+        is_folder = path.endswith("/") or not posixpath.splitext(posixpath.basename(norm))[1]
+        folder = norm if is_folder else posixpath.dirname(norm)
+        if folder in ("", "."):
+            continue
+        q = shlex.quote(f"{workdir}/{folder}")
+        lines.append(f"[ -e {q} ] || [ -L {q} ] || {{ mkdir -p -- {q} && made+=({q}); }} || exit 1")
+    return ["made=()", *dict.fromkeys(lines)] if lines else []

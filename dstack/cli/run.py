@@ -153,39 +153,49 @@ def parse_variables(extra: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def _print_help(ctx: typer.Context, workflow: str | None) -> None:
+    """`run --help`: the help and the workflows (a file that can't be read is an error after them);
+    `run W --help`: W's help and variables, or only W's one-line error when W is refused."""
     from dstack.cli import ui
+    from dstack.errors import ConfigError, DstackError, UsageError
 
-    ui.out(ctx.get_help())
     try:
         from dstack.workflows import load_project
 
         project = load_project(Path.cwd())
-    except Exception as e:  # no repo here: the plain help is all we can show
-        from dstack.errors import DstackError
-
-        if isinstance(e, DstackError):
-            ui.out(f"\n(no workflows: {e})")
-            return
-        raise
+    except DstackError as e:  # no repo here: the plain help is all we can show
+        if workflow:
+            raise
+        ui.out(ctx.get_help())
+        ui.out(f"\n(no workflows: {e})")
+        return
     if not workflow:
         from rich.text import Text
 
         from dstack.workflows.checkcache import workflow_problems
 
+        ui.out(ctx.get_help())
         rows: list[list[object]] = []
+        unreadable: str | None = None
         for name, error in workflow_problems(project).items():
             helptext = project.help(name) or ""
             rows.append([name, Text(f"broken: {error}", style="red") if error else helptext])
+            if error and ": not valid YAML" in error:  # variables.yaml or providers.yaml
+                unreadable = unreadable or error
         ui.out("")
         ui.table(["Workflow", "Help"], rows, title=f"Workflows in {project.root}")
+        if project.load_errors():
+            raise project.load_errors()[0]
+        if unreadable:
+            raise ConfigError(unreadable)
         return
     if workflow not in project.names():
-        from dstack.errors import UsageError
-
+        if project.load_errors():
+            raise project.load_errors()[0]
         raise UsageError(f"no workflow named '{workflow}'", hint="see `dstack run --help`")
     problem = project.error(workflow)
     if problem:
         raise problem
+    ui.out(ctx.get_help())
     ui.out("")
     if project.help(workflow):
         ui.out(f"{workflow}: {project.help(workflow)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from dstack.providers.base import Provider, ProviderContext, base_spec, fail
+from dstack.providers.base import Provider, ProviderContext, base_spec, fail, with_definitions
 from dstack.providers.devenv import at_least_one_port, port_ref
 from dstack.specs import JobSpec
 from dstack.workflows.models import Workflow
@@ -21,13 +21,16 @@ class StreamlitProvider(Provider):
             fail(workflow, "the streamlit provider needs a target", hint="add `target: app.py`")
         spec = at_least_one_port(base_spec(workflow, self.name, []))
         port = port_ref(spec)
-        spec.commands = [
-            *workflow.commands,
-            "python -m pip install -q streamlit",
-            f'echo "Streamlit: http://127.0.0.1:{port.strip(chr(34))}"',
-            f"python -m streamlit run {shlex.quote(workflow.target)} --server.address 127.0.0.1 "
-            f"--server.port {port} --server.headless true {workflow.args}".strip(),
-        ]
+        spec.commands = with_definitions(
+            [
+                *workflow.commands,
+                "python -m pip install -q streamlit",
+                f'echo "Streamlit: http://127.0.0.1:{port.strip(chr(34))}"',
+                f"python -m streamlit run {shlex.quote(workflow.target)} --server.address 127.0.0.1 "
+                f"--server.port {port} --server.headless true {workflow.args}".strip(),
+            ],
+            workflow.variables,
+        )
         return spec
 
 
@@ -42,11 +45,14 @@ class FastapiProvider(Provider):
             fail(workflow, "the fastapi provider needs an app", hint="add `app: main:app`")
         spec = at_least_one_port(base_spec(workflow, self.name, []))
         port = port_ref(spec)
-        spec.commands = [
-            *workflow.commands,
-            "python -m pip install -q fastapi uvicorn",
-            f'echo "FastAPI: http://127.0.0.1:{port.strip(chr(34))}/docs"',
-            f"python -m uvicorn {shlex.quote(workflow.app)} --host 127.0.0.1 --port {port} "
-            f"{workflow.args}".strip(),
-        ]
+        spec.commands = with_definitions(
+            [
+                *workflow.commands,
+                "python -m pip install -q fastapi uvicorn",
+                f'echo "FastAPI: http://127.0.0.1:{port.strip(chr(34))}/docs"',
+                f"python -m uvicorn {shlex.quote(workflow.app)} --host 127.0.0.1 --port {port} "
+                f"{workflow.args}".strip(),
+            ],
+            workflow.variables,
+        )
         return spec

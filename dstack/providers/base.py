@@ -60,10 +60,15 @@ def fail(workflow: Workflow, message: str, hint: str | None = None) -> NoReturn:
 
 
 def base_spec(workflow: Workflow, provider: str, commands: list[str], **fields: Any) -> JobSpec:
-    """A job spec with everything common to providers; variables reach the job as `name` and `NAME`."""
+    """A job spec with everything common to providers; variables reach the job as `name` and `NAME`
+    (`batch-size` as `batch_size`), and the commands' `${{ x }}` references are defined first."""
+    from dstack.workflows.variables import env_name
+
     env: dict[str, str] = {}
     notices = list(workflow.notices)
-    for key, value in workflow.variables.items():
+    commands = with_definitions(commands, workflow.variables)
+    for name, value in workflow.variables.items():
+        key = env_name(name)
         env[key] = value
         upper = key.upper()
         if upper != key and upper in PROTECTED_ENV:
@@ -96,6 +101,14 @@ def base_spec(workflow: Workflow, provider: str, commands: list[str], **fields: 
     for key, value in fields.items():
         setattr(spec, key, value)
     return spec
+
+
+def with_definitions(commands: list[str], variables: dict[str, str]) -> list[str]:
+    """`commands` after the definitions of the `${DSTACK_VAR_x}` they refer to (see `Substituter.shell`):
+    every provider that sets a spec's commands sets them through this."""
+    from dstack.workflows.variables import shell_definitions
+
+    return [*shell_definitions(commands, variables), *commands]
 
 
 def python_line(script: str, args: str, module: bool = False) -> str:

@@ -6,7 +6,7 @@ and prints its URL with a fresh token.
 
 from __future__ import annotations
 
-from dstack.providers.base import Provider, ProviderContext, base_spec
+from dstack.providers.base import Provider, ProviderContext, base_spec, with_definitions
 from dstack.specs import JobSpec
 from dstack.workflows.models import Workflow
 
@@ -32,7 +32,9 @@ class _Server(Provider):
     def job_spec(self, workflow: Workflow, ctx: ProviderContext) -> JobSpec:
         """Setup commands first, then the server in the foreground."""
         spec = at_least_one_port(base_spec(workflow, self.name, []))
-        spec.commands = [*workflow.commands, *self.server_commands(workflow, port_ref(spec))]
+        spec.commands = with_definitions(
+            [*workflow.commands, *self.server_commands(workflow, port_ref(spec))], workflow.variables
+        )
         return spec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from dstack.providers.base import Provider, ProviderContext, base_spec, fail
+from dstack.providers.base import Provider, ProviderContext, base_spec, fail, with_definitions
 from dstack.providers.devenv import at_least_one_port
 from dstack.specs import JobSpec
 from dstack.workflows.models import Workflow
@@ -27,9 +27,12 @@ class TorchrunProvider(Provider):
             spec.notices.append(f"workflow '{workflow.name}' asks for {nodes} nodes: each node runs torchrun")
         else:
             rdzv = '--node_rank 0 --master_addr 127.0.0.1 --master_port "$PORT_0"'
-        spec.commands = [
-            *workflow.commands,
-            f"torchrun --nnodes {nodes} --nproc_per_node {nproc} {rdzv} "
-            f"{shlex.quote(workflow.script)} {workflow.args}".strip(),
-        ]
+        spec.commands = with_definitions(
+            [
+                *workflow.commands,
+                f"torchrun --nnodes {nodes} --nproc_per_node {nproc} {rdzv} "
+                f"{shlex.quote(workflow.script)} {workflow.args}".strip(),
+            ],
+            workflow.variables,
+        )
         return spec

@@ -15,17 +15,19 @@ from pydantic import BaseModel, ValidationError
 from dstack.errors import ConfigError
 from dstack.specs import ArtifactSpec, DependencySpec, GpuSpec, PortsSpec, Resources, RetrySpec
 from dstack.workflows.models import RawResources, RawWorkflow, Workflow, field_keys
-from dstack.workflows.variables import Substituter, is_identifier
+from dstack.workflows.variables import Substituter, find_variable, is_identifier
 from dstack.workflows.yamlfile import YList, YMap, find_duplicates, plain, scalar_text
 
 _PRE_RELEASE = {
     "id": "rename 'id' to 'name'",
-    "dependencies": "rename 'dependencies' to 'depends-on'",
     "params": "move 'params' to .dstack/variables.yaml under the workflow's name",
 }
 _VERSION = re.compile(r"^\d+(\.\d+){0,2}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
 _SIZE_FACTORS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+_RESOURCE_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_-]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_SQUEEZED = re.compile(r"^([A-Za-z_][\w./-]*):(\S+)$")
+_DECIMAL = re.compile(r"^\d+\.\d*$")
 _GPU_SHORT = re.compile(r"^([A-Za-z0-9_-]+)/gpu$", re.IGNORECASE)
 MAX_PORTS = 100
 _CLOSED_EXPR = re.compile(r"\$\{\{.*?\}\}")
@@ -105,6 +107,8 @@ class _Reader:
             )
         self.item = item = self._merge_template(item)
         item = self.item = _canonical_keys(item, WORKFLOW_KEYS)
+        item = self.item = self._dependencies_key(item)
+        item = self.item = self._resource_variables(item)
         self._check_keys(item, WORKFLOW_KEYS, "")
         for text, line in _unclosed_expressions(item):
             self.fail(f"unclosed '${{{{' in {text!r}", line, hint="close it with '}}', e.g. ${{ name }}")
@@ -207,6 +211,42 @@ class _Reader:
         self._check_keys(out, RESOURCE_KEYS, "resources.")
         return out
 
+    def _resource_variables(self, item: YMap) -> YMap:
+        """Variables in resources, as `${{ gpu }}` or as `$gpu` (`v100/gpu: $gpu`), replaced in a copy; a
+        value that becomes a number is one (`gpu: $gpu` with gpu=2 is the count 2)."""
+
+        def substituted(mapping: YMap, where: str) -> YMap:
+            out = _copy_map(mapping)
+            for key, value in mapping.items():
+                if not where and key not in ("resources", "gpu", "nodes"):
+                    continue
+                if isinstance(value, YMap):
+                    out[key] = substituted(value, f"{where}{key}.")
+                elif isinstance(value, str) and "$" in value:
+                    out[key] = self._resource_text(value, f"{where}{key}", mapping.line_of(key))
+            return out
+
+        return substituted(item, "")
+
+    def _resource_text(self, value: str, where: str, line: int) -> Any:
+        text = value
+        for ref in reversed(list(_RESOURCE_REF.finditer(value))):
+            found = self._resource_value(ref.group(1) or ref.group(2), where, line)
+            text = text[: ref.start()] + found + text[ref.end() :]
+        text = self.subst.plain(text, where, line).strip()
+        return int(text) if text.isdigit() else float(text) if _DECIMAL.match(text) else text
+
+    def _resource_value(self, name: str, where: str, line: int) -> str:
+        found = find_variable(self.subst.variables, name)
+        if found is None:
+            known = ", ".join(self.subst.variables) or "none"
+            self.fail(
+                f"unknown variable '${name}' in '{where}'",
+                line,
+                hint=f"define it in .dstack/variables.yaml (this workflow's variables: {known})",
+            )
+        return self.subst.variables[found]
+
     def _pydantic_error(self, error: ValidationError) -> ConfigError:
         errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = errors[0]
@@ -221,6 +261,16 @@ class _Reader:
                 path[-1:] = [f"{path[-1] if path else ''}[{step}]"]
         dotted = ".".join(path)
         message = first["msg"][0].lower() + first["msg"][1:]
+        squeezed = (
+            _SQUEEZED.match(node) if isinstance(node, str) and "dict" in first["type"] + message else None
+        )
+        if squeezed:  # `resources:` then `gpu:0` on the next line: one string, not a mapping
+            return ConfigError(
+                f"'{dotted}' is the text {node!r}, not a mapping",
+                file=self.file,
+                line=line,
+                hint=f"YAML needs a space after ':': write `{squeezed.group(1)}: {squeezed.group(2)}`",
+            )
         return ConfigError(f"'{dotted}': {message}", file=self.file, line=line)
 
     # -- fields --------------------------------------------------------------------------------
@@ -404,6 +454,21 @@ class _Reader:
             if not spec.path:
                 self.fail("empty path in 'artifacts'", line)
             out.append(spec)
+        return out
+
+    def _dependencies_key(self, item: YMap) -> YMap:
+        """`dependencies:` (the docs' name from mid-2021 to February 2022) is `depends-on:`."""
+        if "dependencies" not in item:
+            return item
+        for other in ("depends-on", "deps"):
+            if item.get(other) is not None:
+                self.fail(f"'dependencies' and '{other}' both set", self.at(other), hint="keep one of them")
+        out = YMap(item.line)
+        out.dups = item.dups
+        for key, value in item.items():
+            name = "depends-on" if key == "dependencies" else key
+            out[name] = value
+            out.lines[name] = item.line_of(key)
         return out
 
     def _dependencies(self) -> tuple[list[DependencySpec], list[str] | None]:
@@ -625,6 +690,13 @@ def _canonical_keys(mapping: YMap, known: list[str]) -> YMap:
         name = key if key in known else lower.get(key.lower(), key)
         out[name] = value
         out.lines[name] = mapping.line_of(key)
+    return out
+
+
+def _copy_map(mapping: YMap) -> YMap:
+    out = YMap(mapping.line)
+    out.update(mapping)
+    out.lines, out.dups = dict(mapping.lines), mapping.dups
     return out
 
 

@@ -337,8 +337,10 @@ class Project:
         entry = self._entry(name)
         if entry.error:
             raise entry.error
+        from dstack.workflows.variables import find_variable
+
         values = self.variables(name)
-        unknown = [k for k in overrides or {} if k not in values]
+        unknown = [k for k in overrides or {} if find_variable(values, k) is None]
         if unknown:
             hint = (
                 f"its variables: {', '.join(values)}"
@@ -346,7 +348,7 @@ class Project:
                 else "it has no variables (see .dstack/variables.yaml)"
             )
             raise UsageError(f"unknown variable '{unknown[0]}' for workflow '{name}'", hint=hint)
-        values.update(overrides or {})
+        values.update({find_variable(values, k) or k: v for k, v in (overrides or {}).items()})
         custom = self._custom_providers
         choices = sorted(set(BUILTIN) | (set(custom) if isinstance(custom, dict) else set()))
         wf = normalize_workflow(
@@ -428,7 +430,7 @@ class Project:
         if isinstance(sections, VariableSections):
             problems += sections.errors.values()
             for section, (file, line) in sections.lines.items():
-                if section != "global" and section not in self._entries:
+                if section != "global" and section not in self._entries and not self._file_errors:
                     near = difflib.get_close_matches(section, list(self._entries), n=1)
                     problems.append(
                         ConfigError(

@@ -10,17 +10,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dstack.errors import ConfigError
+from dstack.workflows.shellcontext import Piece, placeholders, render
 from dstack.workflows.yamlfile import YMap, scalar_text
 
-RESERVED_IN_SHELL = {"run_name": '"$RUN_NAME"', "job_id": '"$JOB_ID"'}
+RESERVED_IN_SHELL = {"run_name": "RUN_NAME", "job_id": "JOB_ID"}  # set by the runner for every job
 ARGS_NAMES = ("config_args", "variables_as_args")
+SHELL_PREFIX = "DSTACK_VAR_"  # `${{ x }}` in a shell line is `${DSTACK_VAR_x}`, defined before the commands
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*$")  # `batch-size` (Feb 2022 docs)
 _EXPR = r"\$\{\{(?P<expr>.*?)\}\}"
 _PLAIN = re.compile(_EXPR)
 _SHELL = re.compile(
     _EXPR + r"|\$\{(?P<braced>config_args|variables_as_args)\}"
     r"|\$(?P<bare>config_args|variables_as_args)(?![A-Za-z0-9_])"
 )
+_SHELL_REF = re.compile(r"\$\{" + SHELL_PREFIX + r"([A-Za-z0-9_]+)\}")
 _ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -29,9 +33,37 @@ def is_identifier(name: str) -> bool:
     return bool(_IDENT.match(name))
 
 
+def is_variable_name(name: str) -> bool:
+    """An identifier, or words of one joined by hyphens (`batch-size`)."""
+    return bool(_VARIABLE.match(name))
+
+
+def env_name(name: str) -> str:
+    """The name a variable has in the job's environment: `batch-size` is `batch_size`."""
+    return name.replace("-", "_")
+
+
+def find_variable(variables: Mapping[str, str], name: str) -> str | None:
+    """The defined variable `name` means (`batch_size` finds `batch-size`), or None."""
+    if name in variables:
+        return name
+    wanted = env_name(name)
+    return next((k for k in variables if env_name(k) == wanted), None)
+
+
 def config_args(variables: Mapping[str, str]) -> str:
     """`--name 'value' …` for every variable, each value shell-quoted."""
     return " ".join(f"--{name} {shlex.quote(value)}" for name, value in variables.items())
+
+
+def shell_definitions(commands: list[str], variables: Mapping[str, str]) -> list[str]:
+    """`DSTACK_VAR_x='value'` lines for the variables `commands` refer to, each value quoted as data."""
+    by_env = {env_name(k): v for k, v in variables.items()}
+    lines: list[str] = []
+    for ident in dict.fromkeys(m.group(1) for c in commands for m in _SHELL_REF.finditer(c)):
+        if ident in by_env:
+            lines.append(f"{SHELL_PREFIX}{ident}={shlex.quote(by_env[ident])}")
+    return lines
 
 
 @dataclass
@@ -47,13 +79,34 @@ class Substituter:
         return _PLAIN.sub(lambda m: self._plain_value(m, where, line), text)
 
     def shell(self, text: str, where: str, line: int | None) -> str:
-        """Values shell-quoted; reserved names become references to the runner's environment."""
-        return _SHELL.sub(lambda m: self._shell_value(m, where, line), text)
+        """A shell line whose `${{ x }}` become references to shell variables (`"${DSTACK_VAR_x}"`), written
+        for the quoting they sit in (bare, inside "…", inside '…', in a here-document): values are never
+        parsed by the shell, whatever quotes the author put around them."""
+        out: list[str] = []
+        pos = 0
+        for match, context in placeholders(text, _SHELL):
+            out.append(text[pos : match.start()])
+            pieces = self._shell_pieces(match, where, line)
+            if context == "quoted-heredoc":
+                raise ConfigError(
+                    f"'{match.group(0)}' in '{where}' is inside a quoted here-document, where nothing is"
+                    " expanded",
+                    file=self.file,
+                    line=line,
+                    hint="write <<EOF instead of <<'EOF' to use variables in it",
+                )
+            out.append(self._render_args(context) if pieces is None else render(pieces, context))
+            pos = match.end()
+        out.append(text[pos:])
+        return "".join(out)
 
     def _name(self, match: re.Match[str], where: str, line: int | None) -> str:
         name = match.group("expr").strip()
-        if name in self.variables or name in RESERVED_IN_SHELL or name in ARGS_NAMES or name == "run.args":
+        if name in RESERVED_IN_SHELL or name in ARGS_NAMES or name == "run.args":
             return name
+        found = find_variable(self.variables, name)
+        if found is not None:
+            return found
         known = ", ".join(self.variables) or "none"
         raise ConfigError(
             f"unknown variable '{name}' in '{where}'",
@@ -72,17 +125,30 @@ class Substituter:
             return " ".join(self.args)
         return self.variables[name]
 
-    def _shell_value(self, match: re.Match[str], where: str, line: int | None) -> str:
-        if match.group("expr") is None:
-            return config_args(self.variables)
-        name = self._name(match, where, line)
+    def _shell_pieces(self, match: re.Match[str], where: str, line: int | None) -> list[Piece] | None:
+        """What a placeholder stands for, or None for `${{ run.args }}` (the run's own arguments)."""
+        name = ARGS_NAMES[0] if match.group("expr") is None else self._name(match, where, line)
         if name in RESERVED_IN_SHELL:
-            return RESERVED_IN_SHELL[name]
+            return [(RESERVED_IN_SHELL[name], True)]
         if name in ARGS_NAMES:
-            return config_args(self.variables)
+            pieces: list[Piece] = []
+            for i, key in enumerate(self.variables):
+                pieces += [(f"{' ' if i else ''}--{key} ", False), (SHELL_PREFIX + env_name(key), True)]
+            return pieces
         if name == "run.args":
+            return None
+        return [(SHELL_PREFIX + env_name(name), True)]
+
+    def _render_args(self, context: str) -> str:
+        """The run's own arguments (typed by whoever runs it), quoted for `context`."""
+        joined = " ".join(self.args)
+        if context == "bare":
             return " ".join(shlex.quote(a) for a in self.args)
-        return shlex.quote(self.variables[name])
+        if context == "double":
+            return _escape_dq(joined)
+        if context == "heredoc":
+            return "".join("\\" + c if c in "\\`$" else c for c in joined)
+        return "'" + shlex.quote(joined) + ("'" if context == "single" else "$'")
 
 
 @dataclass
@@ -99,7 +165,11 @@ class VariableSections:
             if section in self.errors:
                 raise self.errors[section]
         merged = dict(self.sections.get("global", {}))
-        merged.update(self.sections.get(name, {}))
+        for key, value in self.sections.get(name, {}).items():
+            same = find_variable(merged, key)  # the workflow's `batch_size` overrides a global `batch-size`
+            if same is not None and same != key:
+                del merged[same]
+            merged[key] = value
         return merged
 
 
@@ -171,12 +241,20 @@ def _read_section(section: str, values: Any, file: str, line: int) -> dict[str, 
     out: dict[str, str] = {}
     for name, value in values.items():
         where = values.line_of(name)
-        if not is_identifier(name):
+        if not is_variable_name(name):
             raise ConfigError(
-                f"variable name '{name}' is not an identifier",
+                f"variable name '{name}' is not a name",
                 file=file,
                 line=where,
-                hint="use letters, digits and '_', not starting with a digit (e.g. learning_rate)",
+                hint="use letters, digits, '_' and '-', starting with a letter (e.g. learning-rate)",
+            )
+        same = find_variable(out, name)
+        if same is not None:
+            raise ConfigError(
+                f"variables '{same}' and '{name}' are the same variable ${env_name(name)} in the job",
+                file=file,
+                line=where,
+                hint="keep one of them",
             )
         if isinstance(value, YMap) and "default" in value:  # {type: ..., default: ...}
             value = value["default"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, NoReturn
@@ -128,15 +129,31 @@ def parse_yaml(text: str, display: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = (e.problem or e.context or "syntax error").strip()
-        raise ConfigError(
-            f"not valid YAML: {problem}",
-            file=display,
-            line=mark.line + 1 if mark else None,
-            hint="check the indentation, colons and quotes on this line",
-        ) from e
+        line, hint = mark.line + 1 if mark else None, "check the indentation, colons and quotes on this line"
+        squeezed = no_space_after_colon(text, line)
+        if squeezed:
+            line, hint = squeezed
+        raise ConfigError(f"not valid YAML: {problem}", file=display, line=line, hint=hint) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", file=display) from e
-    return None if node is None else _Builder(display).build(node)
+    try:
+        return None if node is None else _Builder(display).build(node)
+    except _NotHere as e:  # a mapping or list used as a key, from `gpu: {{gpu}}`
+        raise ConfigError(e.message, file=display, line=e.line, hint=e.hint) from None
+
+
+_SQUEEZED = re.compile(r"^\s*(?:-\s+)?([A-Za-z_][\w./-]*):([^\s:/][^\s]*)\s*$")
+
+
+def no_space_after_colon(text: str, line: int | None) -> tuple[int, str] | None:
+    """(line, hint) when `line` or the one before it reads `gpu:0`: a key and value without the space YAML
+    needs after ':'."""
+    lines = text.splitlines()
+    for number in (line, line - 1) if line else ():
+        m = _SQUEEZED.match(lines[number - 1]) if 0 < number <= len(lines) else None
+        if m:
+            return number, f"YAML needs a space after ':': write `{m.group(1)}: {m.group(2)}`"
+    return None
 
 
 def _check_expansion(text: str, display: str) -> None:
@@ -234,7 +251,7 @@ class _Builder:
             if node.tag not in _SCALAR_TAGS:
                 self._unknown_tag(node)
             return str(node.value)  # `on:` stays "on", `1:` stays "1"
-        return str(self.build(node))
+        raise _NotHere(node)
 
     def _map(self, node: yaml.MappingNode) -> YMap:
         out = YMap(node.start_mark.line + 1)
@@ -272,6 +289,23 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return f"{scalar_text(value)!r}"
+
+
+class _NotHere(ConfigError):
+    """YAML that parses, but never as anything dstack reads: `{{ gpu }}` (a mapping as a key)."""
+
+    def __init__(self, node: yaml.Node) -> None:
+        inner = node.value[0][0] if isinstance(node, yaml.MappingNode) and len(node.value) == 1 else None
+        line = node.start_mark.line + 1
+        if not isinstance(inner, yaml.ScalarNode):
+            super().__init__("not valid YAML here: a mapping or list used as a key", line=line)
+            return
+        name = str(inner.value).strip()
+        super().__init__(
+            f"not valid YAML here: `{{{{{name}}}}}` is read as a mapping inside a mapping",
+            line=line,
+            hint=f"write `${{{{ {name} }}}}` for the variable (quote the value if it starts with '{{')",
+        )
 
 
 def find_duplicates(value: Any) -> list[tuple[str, int, int]]:
