@@ -23,73 +23,6 @@ REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
 HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed within 30 s
 
 
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (guards against a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def orchestrator_alive(run: Run) -> bool:
-    from dstack.backends.local import process_alive
-
-    if run.orchestrator_pid is None:
-        return False
-    if not process_alive(run.orchestrator_pid):
-        return False
-    start = process_start(run.orchestrator_pid)
-    return start is None or run.orchestrator_start is None or start == run.orchestrator_start
-
-
-def start_orchestrator(state: State, run: Run) -> None:
-    """Fork a detached orchestrator for the run (double fork: it outlives the CLI)."""
-    from dstack.home import sub
-
-    log = sub("runs") / f"{run.id}.log"
-    expect = run.orchestrator_pid
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with state.closed_for_fork():
-        pid = os.fork()
-        if pid:
-            os.waitpid(pid, 0)
-            return
-        _orchestrator_child(run.id, log, expect)
-
-
-def _orchestrator_child(run_id: str, log: Path, expect: int | None) -> None:
-    """The forked child: detach, send output to the run's orchestrator log, drive the run, exit."""
-    try:  # first child
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        logging.basicConfig(
-            stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-        )
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-        code = 0
-        try:
-            orchestrate(run_id, expect)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-    except BaseException:
-        os._exit(1)
-
-
 class Orchestrator:
     """Drives one run: places pending jobs, watches running ones, finishes the run."""
 
@@ -143,6 +76,8 @@ class Orchestrator:
             if job.status == "running":
                 self.watch(job)
         for job in jobs:
+            if job.status in ("pending", "waiting") and job.joins and self.join(job):
+                continue
             if job.status in ("pending", "waiting"):
                 ups = [by_id.get(u) or self.state.job(u) for u in job.upstream]
                 bad = [u for u in ups if u.status in ("failed", "stopped", "cancelled")]
@@ -171,6 +106,44 @@ class Orchestrator:
             reason = f"job {first.workflow} {first.status}" + (f": {first.reason}" if first.reason else "")
         self.state.set_run(run.id, status=status, finished_at=time.time(), reason=reason)
         return True
+
+    def resume(self) -> None:
+        """Jobs a dead orchestrator left `starting`: running if their process started, else pending again."""
+        for job in self.state.jobs(self.run.id, statuses=("starting",)):
+            try:
+                started = self.runner(job.runner or "local").poll_job(job.id).status != "lost"
+            except DstackError:
+                started = False
+            if started:
+                self.state.transition(
+                    job.id, ("starting",), status="running", started_at=time.time(), log_path=self.log_of(job)
+                )
+            else:
+                self.state.transition(job.id, ("starting",), status="pending", runner=None, reserved=None)
+
+    def join(self, job: Job) -> bool:
+        """A job joined to another run's job with the same key: reuse its result once it is done, wait while
+        it runs. False when that job failed (this one then runs itself)."""
+        target = self.state.job(job.joins or "")
+        if target.status in ("done", "reused") and target.manifest:
+            self.state.transition(
+                job.id,
+                ("pending", "waiting"),
+                status="reused",
+                reused_from=target.reused_from or target.id,
+                manifest=target.manifest,
+                exit_code=0,
+                reason=None,
+                finished_at=time.time(),
+            )
+            return True
+        if target.status in ACTIVE_JOB:
+            why = f"joined job {target.id} of run {target.run_name} (same inputs): waiting for it"
+            if job.reason != why:
+                self.state.set_job(job.id, status="waiting", reason=why)
+            return True
+        self.state.set_job(job.id, joins=None, reason=None)
+        return False
 
     def place(self, job: Job, upstream: list[Job]) -> None:
         """Start the job on a runner with room for it, or mark it waiting (or failed if none ever fits)."""
@@ -243,23 +216,47 @@ class Orchestrator:
             ports=ports,
         )
         runner = self.runner(runner_name)
+        job.runner = runner_name
+        local_log = self.log_of(job)
+        self._keep_earlier_logs(job, local_log)
         try:
             runner.start_job(ctx)
         except DstackError as e:
             self._fail(job, f"could not start on {runner_name}: {e}")
             return
-        log_path = getattr(runner, "log_path", None)
-        local_log = str(log_path(job.id)) if log_path else str(self._mirror_path(job.id))
         if not self.state.transition(
             job.id, ("starting",), status="running", started_at=time.time(), reason=None, log_path=local_log
         ):
             runner.stop_job(job.id)  # stopped while it was starting
             runner.cleanup_job(job.id, keep=self.run.keep)
 
-    def _mirror_path(self, job_id: str) -> Path:
+    def log_of(self, job: Job) -> str:
+        """The file on this machine with the output of the job's current attempt."""
+        if (job.runner or "local") == "local":
+            from dstack.backends.local import LocalRunner
+
+            runner = self.runner("local")
+            assert isinstance(runner, LocalRunner)
+            return str(runner.log_path(job.id))
+        return str(self._mirror_path(job))
+
+    def _keep_earlier_logs(self, job: Job, path: str) -> None:
+        """An earlier attempt's log at the path this attempt writes to (the local runner's) is moved aside."""
+        moved = False
+        for earlier in job.attempts:
+            if earlier.get("log_path") == path and os.path.exists(path):
+                target = f"{path}.attempt-{earlier['attempt']}"
+                os.replace(path, target)
+                earlier["log_path"] = target
+                moved = True
+        if moved:
+            self.state.set_job(job.id, attempts=job.attempts)
+
+    def _mirror_path(self, job: Job) -> Path:
         from dstack.home import sub
 
-        return sub("logs") / f"{job_id}.log"
+        name = f"{job.id}.log" if job.attempt == 1 else f"{job.id}.attempt-{job.attempt}.log"
+        return sub("logs") / name
 
     def watch(self, job: Job) -> None:
         from dstack.specs import JobSpec
@@ -389,8 +386,10 @@ class Orchestrator:
         )
 
     def _mirror_log(self, runner: Runner, job: Job) -> None:
-        path = self._mirror_path(job.id)
-        offset = self._log_offsets.get(job.id)
+        """Copy what the attempt printed on its host since the last call to its log here."""
+        path = self._mirror_path(job)
+        key = f"{job.id}#{job.attempt}"  # a new attempt's log starts at 0 again
+        offset = self._log_offsets.get(key)
         if offset is None:
             offset = path.stat().st_size if path.exists() else 0
         with open(path, "ab") as f:
@@ -406,44 +405,77 @@ class Orchestrator:
                     break
                 f.write(data)
                 offset += len(data)
-        self._log_offsets[job.id] = offset
+        self._log_offsets[key] = offset
 
     def close(self) -> None:
         for runner in self.runners.values():
             runner.close()
 
 
-def orchestrate(run_id: str, expect_pid: int | None = None) -> None:
-    """Drive a run to its end (runs in the detached orchestrator process)."""
+def orchestrate(run_id: str) -> None:
+    """Drive a run to its end (in the detached orchestrator process): at once if no live process drives it,
+    else as its stand-by, taking over when that process goes away or stops beating."""
     from dstack.store.state import open_state
+    from dstack.supervisor import claim_run, orchestrator_alive, orchestrator_stuck
 
     state = open_state()
     try:
-        me = os.getpid()
-        if not state.claim_orchestrator(run_id, me, process_start(me), expect_pid):
-            return
-        orch = Orchestrator(state, state.run(run_id))
-        started = time.monotonic()
-        try:
-            while not orch.step():
-                time.sleep(0.02 if time.monotonic() - started < 3 else 0.2)
-        finally:
-            orch.close()
+        while True:
+            run = state.run(run_id)
+            if run.status not in ACTIVE_RUN:
+                return
+            if orchestrator_alive(run) and not orchestrator_stuck(run):
+                time.sleep(0.2)
+                continue
+            if claim_run(state, run):
+                if run.orchestrator_pid is not None:
+                    log.info("took over run %s from process %s", run.name, run.orchestrator_pid)
+                drive(state, run_id)
+                return
     finally:
         state.close()
 
 
-def repair(state: State) -> list[Run]:
-    """Give every unfinished run whose orchestrator died a new one; returns those runs."""
-    resumed = []
-    for run in state.runs(active_only=True):
-        if run.orchestrator_pid is not None and not orchestrator_alive(run):
-            start_orchestrator(state, run)
-            resumed.append(run)
-        elif run.orchestrator_pid is None and time.time() - run.created_at > 10:
-            start_orchestrator(state, run)
-            resumed.append(run)
-    return resumed
+def drive(state: State, run_id: str) -> None:
+    """Step the run (this process has claimed it) until it ends or another process takes it over."""
+    from dstack.supervisor import BEAT_S
+
+    orch = Orchestrator(state, state.run(run_id))
+    me = os.getpid()
+    try:
+        orch.resume()
+        started = beat = time.monotonic()
+        while not orch.step():
+            now = time.monotonic()
+            if now - beat >= BEAT_S:
+                if not state.beat(run_id, me):
+                    return  # taken over (we were stuck): the new orchestrator drives it
+                beat = now
+            time.sleep(poll_interval(now - started))
+    finally:
+        orch.close()
+
+
+def poll_interval(elapsed: float) -> float:
+    """How long to sleep between steps: short at first (a quick job ends within milliseconds), then 0.2 s."""
+    if elapsed < 0.5:
+        return 0.005
+    return 0.02 if elapsed < 3 else 0.2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dstack.orchestrator RUN_ID`: the detached orchestrator process."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        orchestrate(argv[0])
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _wants(spec: Any) -> str:
@@ -468,3 +500,9 @@ def _free_ports(count: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+if __name__ == "__main__":
+    from dstack.orchestrator import main as _main  # the module's own copy, not this __main__ one
+
+    _main()

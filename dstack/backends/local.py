@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from dstack.backends.base import Capacity, GpuInfo, JobContext, JobState, Runner
 from dstack.backends.script import RUN_SH, job_env, render_env, render_job
+from dstack.supervisor import process_alive
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -58,20 +59,6 @@ def docker_answers() -> bool:
     from dstack.backends.docker import engine_answers
 
     return engine_answers()
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def requirements_digest(ctx: JobContext) -> str | None:
