@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from dstack.orchestrator import Orchestrator
 
 
+STANDBY_AFTER_S = 0.3  # a run that ends sooner never needs another process
+
+
 @dataclass
 class LogEvent:
     """A line of a job's output, a change of a job's status, or the header of a job's next attempt."""
@@ -36,21 +39,26 @@ def follow_run(
     """Yield the run's output (and status changes) from the start; with `follow`, until the run ends. With
     `drive`, this process (which claimed the run) also steps it, so a short job ends without waiting on
     another process; a run nobody drives any more is recovered (see `dstack.supervisor.recover`)."""
-    from dstack.supervisor import BEAT_S, recover
+    from dstack.orchestrator import poll_interval
+    from dstack.supervisor import BEAT_S, recover, start_orchestrator
 
     orch: Orchestrator | None = None
     if drive:
         from dstack.orchestrator import Orchestrator
 
         orch = Orchestrator(state, state.run(run_id))
+    standby = not drive  # a driving follower starts its stand-by once the run lasts (or it stops following)
     offsets: dict[tuple[str, int], int] = {}
     partial: dict[tuple[str, int], bytes] = {}
     seen: dict[str, str] = {}
-    started = beat = time.monotonic()
+    started = beat = next_step = time.monotonic()
     try:
         while True:
-            if orch is not None:
-                now = time.monotonic()
+            now = time.monotonic()
+            if not standby and now - started > STANDBY_AFTER_S:
+                standby = bool(start_orchestrator(run_id))
+            if orch is not None and now >= next_step:
+                next_step = now + poll_interval(now - started)
                 if now - beat >= BEAT_S:
                     beat = now
                     if not state.beat(run_id, os.getpid()):
@@ -94,11 +102,13 @@ def follow_run(
                 return
             if orch is None and drive and not done:
                 drive = False  # taken over: recover it like any follower from now on
-            elapsed = time.monotonic() - started
-            time.sleep(min(poll, 0.005 if elapsed < 0.5 else 0.02) if orch is not None else poll)
+            pause = poll if orch is None else min(poll, max(0.0, next_step - time.monotonic()))
+            time.sleep(pause)
     finally:
         if orch is not None:
             orch.close()
+        if not standby and state.run(run_id).status in ACTIVE_RUN:
+            start_orchestrator(run_id)  # this process stops driving: the run goes on without it
 
 
 def _read_from(path: str | None, offset: int) -> bytes:

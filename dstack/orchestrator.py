@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstack.errors import DstackError, HostError
+from dstack.errors import DstackError, HostError, StorageError
 from dstack.store.state import ACTIVE_JOB, ACTIVE_RUN, ArtifactRow, Job, Run, State
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ class Orchestrator:
         self.store: ObjectStore = open_object_store(state)
         self.runners: dict[str, Runner] = {}
         self._local_capacity: Capacity | None = None
+        self._docker_asked = False
         self._code: Manifest | None = None
         self._log_offsets: dict[str, int] = {}
         self._rt_synced: dict[str, float] = {}
@@ -51,7 +52,7 @@ class Orchestrator:
         if self._local_capacity is None:
             from dstack.backends.local import LocalRunner
 
-            self._local_capacity = LocalRunner().probe()
+            self._local_capacity = LocalRunner().probe(docker=False)  # asked when a job has an image
         return self._local_capacity
 
     @property
@@ -152,6 +153,10 @@ class Orchestrator:
         from dstack.specs import JobSpec
 
         spec = JobSpec.model_validate(job.spec)
+        if spec.image and not self._docker_asked:
+            from dstack.backends.local import docker_answers
+
+            self.local_capacity.docker, self._docker_asked = docker_answers(), True
         slots = available_slots(self.state, self.local_capacity)
         pin = self.run.host_pin or ("local" if spec.resources.local else None)
         if pin:
@@ -424,6 +429,9 @@ def orchestrate(run_id: str) -> None:
             run = state.run(run_id)
             if run.status not in ACTIVE_RUN:
                 return
+            if run.orchestrator_pid == os.getpid():  # handed over by whoever started this process
+                drive(state, run_id)
+                return
             if orchestrator_alive(run) and not orchestrator_stuck(run):
                 time.sleep(0.2)
                 continue
@@ -445,12 +453,19 @@ def drive(state: State, run_id: str) -> None:
     try:
         orch.resume()
         started = beat = time.monotonic()
-        while not orch.step():
-            now = time.monotonic()
-            if now - beat >= BEAT_S:
-                if not state.beat(run_id, me):
-                    return  # taken over (we were stuck): the new orchestrator drives it
-                beat = now
+        while True:
+            try:
+                if orch.step():
+                    return
+                now = time.monotonic()
+                if now - beat >= BEAT_S:
+                    if not state.beat(run_id, me):
+                        return  # taken over (we were stuck): the new orchestrator drives it
+                    beat = now
+            except StorageError as e:  # a full disk under DSTACK_HOME: wait for room rather than crash
+                log.warning("%s", e)
+                time.sleep(1)
+                continue
             time.sleep(poll_interval(now - started))
     finally:
         orch.close()

@@ -108,7 +108,8 @@ def recover(state: State, run: Run) -> str | None:
         if last is not None and now < last + BACKOFF_S * 2 ** (run.orchestrator_restarts - 1):
             return None
         if state.count_restart(run.id, run.orchestrator_restarts):
-            start_orchestrator(run.id)
+            pid = start_orchestrator(run.id)  # the run is its own at once, so nobody starts a second one
+            state.claim_orchestrator(run.id, pid, process_start(pid), run.orchestrator_pid)
             return "restarted"
         return None
     from dstack.runs import fail_run

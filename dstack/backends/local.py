@@ -88,7 +88,8 @@ class LocalRunner(Runner):
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def probe(self) -> Capacity:
+    def probe(self, docker: bool = True) -> Capacity:
+        """What this machine has; `docker=False` skips asking the engine (a job without an image)."""
         import platform
 
         disk = shutil.disk_usage(self.root)
@@ -97,7 +98,7 @@ class LocalRunner(Runner):
             memory_mib=local_memory_mib(),
             gpus=local_gpus(),
             disk_free_mib=disk.free // (1024 * 1024),
-            docker=docker_answers(),
+            docker=docker and docker_answers(),
             os=f"{platform.system()} {platform.release()}",
             python=platform.python_version(),
             rsync=bool(shutil.which("rsync")),
@@ -126,7 +127,9 @@ class LocalRunner(Runner):
             f.write(render_env(job_env(ctx, passthrough)))
         (jd / "job.sh").write_text(render_job(ctx, str(jd), str(self.venvs), requirements_digest(ctx)))
         (jd / "run.sh").write_text(RUN_SH)
-        self._procs[ctx.job_id] = subprocess.Popen(
+        for stale in ("exit", "pid"):  # an earlier attempt's
+            (jd / stale).unlink(missing_ok=True)
+        proc = subprocess.Popen(
             ["bash", str(jd / "run.sh")],
             cwd=jd,
             stdin=subprocess.DEVNULL,
@@ -135,10 +138,10 @@ class LocalRunner(Runner):
             start_new_session=True,
             close_fds=True,
         )
-        # the wrapper writes its pid at once; wait briefly so poll_job never sees a job with no pid
-        deadline = time.monotonic() + 5
-        while not (jd / "pid").exists() and time.monotonic() < deadline:
-            time.sleep(0.002)
+        self._procs[ctx.job_id] = proc
+        # the wrapper records the same pid itself; written here too so poll_job never sees a job with none
+        (jd / "pid.start").write_text(str(proc.pid))
+        os.replace(jd / "pid.start", jd / "pid")
 
     def poll_job(self, job_id: str) -> JobState:
         jd = self.job_dir(job_id)
@@ -175,6 +178,7 @@ class LocalRunner(Runner):
         except (OSError, ValueError):
             return
         stop_process_group(pid)
+        stop_strays(job_id)
 
     def collect_artifacts(
         self, job_id: str, spec: JobSpec, store: ObjectStore, working_subdir: str = "."
@@ -186,6 +190,7 @@ class LocalRunner(Runner):
         return result.manifest, result.missing
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
+        (self.job_dir(job_id) / "env.sh").unlink(missing_ok=True)
         if not keep:
             shutil.rmtree(self.job_dir(job_id) / "work", ignore_errors=True)
 
@@ -207,3 +212,36 @@ def stop_process_group(pid: int, grace: float = 5.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Processes whose environment names the job: its descendants, those that called setsid included."""
+    mark = f"DSTACK_JOB={job_id}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_strays(job_id: str, grace: float = 2.0) -> None:
+    """SIGTERM the job's processes outside its process group, then SIGKILL what is left after `grace`."""
+    pids = job_processes(job_id)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = [p for p in pids if process_alive(p)]
+        if not pids:
+            return

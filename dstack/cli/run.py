@@ -99,10 +99,11 @@ def run(
                 f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`."
             )
             return
-        # this process drives the run while it follows it; a fresh orchestrator process stands by and takes
-        # the run over if this one goes away (Ctrl-C, a closed terminal, a kill)
+        # this process drives the run while it follows it; once the run lasts, a fresh orchestrator process
+        # stands by and takes the run over if this one goes away (Ctrl-C, a closed terminal, a kill)
         drive = claim_run(state, run_)
-        start_orchestrator(run_.id)
+        if not drive:
+            start_orchestrator(run_.id)
         from dstack.cli.runs import follow
 
         try:
