@@ -135,13 +135,14 @@ class Orchestrator:
                 manifest=target.manifest,
                 exit_code=0,
                 reason=None,
+                log_path=target.log_path,
                 finished_at=time.time(),
             )
             return True
         if target.status in ACTIVE_JOB:
             why = f"joined job {target.id} of run {target.run_name} (same inputs): waiting for it"
-            if job.reason != why:
-                self.state.set_job(job.id, status="waiting", reason=why)
+            if job.reason != why or job.log_path != target.log_path:  # its output is this job's too
+                self.state.set_job(job.id, status="waiting", reason=why, log_path=target.log_path)
             return True
         self.state.set_job(job.id, joins=None, reason=None)
         return False
