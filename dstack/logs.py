@@ -39,8 +39,7 @@ def follow_run(
     """Yield the run's output (and status changes) from the start; with `follow`, until the run ends. With
     `drive`, this process (which claimed the run) also steps it, so a short job ends without waiting on
     another process; a run nobody drives any more is recovered (see `dstack.supervisor.recover`)."""
-    from dstack.orchestrator import poll_interval
-    from dstack.supervisor import BEAT_S, recover, start_orchestrator
+    from dstack.supervisor import BEAT_S, poll_interval, recover, start_orchestrator
 
     orch: Orchestrator | None = None
     if drive:

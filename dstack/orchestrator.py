@@ -1,17 +1,16 @@
-"""The orchestrator: a detached process per run that places and starts jobs, watches them, saves their
-artifacts and finishes the run. The CLI only follows: killing it never stops a run."""
+"""The orchestrator: drives one run — places and starts jobs, watches them, saves their artifacts and
+finishes the run. It runs in `dstack run` while that follows the run, else in a detached process started
+by `dstack.supervisor`; killing the CLI never stops a run."""
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstack.errors import DstackError, HostError, StorageError
+from dstack.errors import DstackError, HostError
 from dstack.store.state import ACTIVE_JOB, ACTIVE_RUN, ArtifactRow, Job, Run, State
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ class Orchestrator:
         self.store: ObjectStore = open_object_store(state)
         self.runners: dict[str, Runner] = {}
         self._local_capacity: Capacity | None = None
-        self._docker_asked = False
+        self._docker_asked = self._gpus_asked = False
         self._code: Manifest | None = None
         self._log_offsets: dict[str, int] = {}
         self._rt_synced: dict[str, float] = {}
@@ -52,7 +51,8 @@ class Orchestrator:
         if self._local_capacity is None:
             from dstack.backends.local import LocalRunner
 
-            self._local_capacity = LocalRunner().probe(docker=False)  # asked when a job has an image
+            # Docker and GPUs are asked about when a job needs them: a plain job starts without the wait
+            self._local_capacity = LocalRunner().probe(docker=False, gpus=False)
         return self._local_capacity
 
     @property
@@ -158,6 +158,10 @@ class Orchestrator:
             from dstack.backends.local import docker_answers
 
             self.local_capacity.docker, self._docker_asked = docker_answers(), True
+        if spec.resources.gpu.count and not self._gpus_asked:
+            from dstack.backends.local import local_gpus
+
+            self.local_capacity.gpus, self._gpus_asked = local_gpus(), True
         slots = available_slots(self.state, self.local_capacity)
         pin = self.run.host_pin or ("local" if spec.resources.local else None)
         if pin:
@@ -227,7 +231,7 @@ class Orchestrator:
         self._keep_earlier_logs(job, local_log)
         try:
             runner.start_job(ctx)
-        except DstackError as e:
+        except (DstackError, OSError) as e:  # OSError: e.g. no space left for the job's files
             self._fail(job, f"could not start on {runner_name}: {e}")
             return
         if not self.state.transition(
@@ -418,82 +422,6 @@ class Orchestrator:
             runner.close()
 
 
-def orchestrate(run_id: str) -> None:
-    """Drive a run to its end (in the detached orchestrator process): at once if no live process drives it,
-    else as its stand-by, taking over when that process goes away or stops beating."""
-    from dstack.store.state import open_state
-    from dstack.supervisor import claim_run, orchestrator_alive, orchestrator_stuck
-
-    state = open_state()
-    try:
-        while True:
-            run = state.run(run_id)
-            if run.status not in ACTIVE_RUN:
-                return
-            if run.orchestrator_pid == os.getpid():  # handed over by whoever started this process
-                drive(state, run_id)
-                return
-            if orchestrator_alive(run) and not orchestrator_stuck(run):
-                time.sleep(0.2)
-                continue
-            if claim_run(state, run):
-                if run.orchestrator_pid is not None:
-                    log.info("took over run %s from process %s", run.name, run.orchestrator_pid)
-                drive(state, run_id)
-                return
-    finally:
-        state.close()
-
-
-def drive(state: State, run_id: str) -> None:
-    """Step the run (this process has claimed it) until it ends or another process takes it over."""
-    from dstack.supervisor import BEAT_S
-
-    orch = Orchestrator(state, state.run(run_id))
-    me = os.getpid()
-    try:
-        orch.resume()
-        started = beat = time.monotonic()
-        while True:
-            try:
-                if orch.step():
-                    return
-                now = time.monotonic()
-                if now - beat >= BEAT_S:
-                    if not state.beat(run_id, me):
-                        return  # taken over (we were stuck): the new orchestrator drives it
-                    beat = now
-            except StorageError as e:  # a full disk under DSTACK_HOME: wait for room rather than crash
-                log.warning("%s", e)
-                time.sleep(1)
-                continue
-            time.sleep(poll_interval(now - started))
-    finally:
-        orch.close()
-
-
-def poll_interval(elapsed: float) -> float:
-    """How long to sleep between steps: short at first (a quick job ends within milliseconds), then 0.2 s."""
-    if elapsed < 0.5:
-        return 0.005
-    return 0.02 if elapsed < 3 else 0.2
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m dstack.orchestrator RUN_ID`: the detached orchestrator process."""
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    try:
-        orchestrate(argv[0])
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-
-
 def _wants(spec: Any) -> str:
     res = spec.resources
     parts = [f"{res.cpu or 1:g} CPU"]
@@ -516,9 +444,3 @@ def _free_ports(count: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-if __name__ == "__main__":
-    from dstack.orchestrator import main as _main  # the module's own copy, not this __main__ one
-
-    _main()

@@ -1,7 +1,7 @@
 """Creating runs and stopping them.
 
 `create_run` records the repo state and one job per workflow the run needs (reusing finished jobs with
-the same key); `dstack.orchestrator` then drives the run to its end in a detached process.
+the same key, or joining ones running now); `dstack.orchestrator` then drives the run to its end.
 """
 
 from __future__ import annotations

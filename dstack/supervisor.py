@@ -4,6 +4,7 @@ restarted a few times with a backoff, then its run fails with the reason."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dstack.store.state import Run, State
 
+log = logging.getLogger("dstack.orchestrator")
 MAX_RESTARTS = 3
 STALE_S = float(os.environ.get("DSTACK_ORCHESTRATOR_STALE_S", "120"))  # no heartbeat that long: stuck
 BACKOFF_S = float(os.environ.get("DSTACK_ORCHESTRATOR_BACKOFF_S", "1"))  # 1, 2, 4 s between restarts
@@ -67,7 +69,7 @@ def start_orchestrator(run_id: str) -> int:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dstack.orchestrator", run_id],
+            [sys.executable, "-m", "dstack.supervisor", run_id],
             cwd=home(),
             stdin=subprocess.DEVNULL,
             stdout=fd,
@@ -140,7 +142,7 @@ def kill_orchestrator(run: Run, only_stuck_cli: bool = False) -> None:
 def _is_orchestrator_process(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"dstack.orchestrator" in f.read()
+            return b"dstack.supervisor" in f.read()
     except OSError:
         return True
 
@@ -162,3 +164,90 @@ def last_orchestrator_line(run_id: str) -> str:
 def repair(state: State) -> list[Run]:
     """Recover every unfinished run whose orchestrator is gone or stuck; returns those runs."""
     return [run for run in state.runs(active_only=True) if recover(state, run)]
+
+
+def orchestrate(run_id: str) -> None:
+    """Drive a run to its end (in the detached orchestrator process): at once if no live process drives it,
+    else as its stand-by, taking over when that process goes away or stops beating."""
+    from dstack.store.state import ACTIVE_RUN, open_state
+
+    state = open_state()
+    try:
+        while True:
+            run = state.run(run_id)
+            if run.status not in ACTIVE_RUN:
+                return
+            if run.orchestrator_pid == os.getpid():  # handed over by whoever started this process
+                drive(state, run_id)
+                return
+            if orchestrator_alive(run) and not orchestrator_stuck(run):
+                time.sleep(0.2)
+                continue
+            if claim_run(state, run):
+                if run.orchestrator_pid is not None:
+                    log.info("took over run %s from process %s", run.name, run.orchestrator_pid)
+                drive(state, run_id)
+                return
+    finally:
+        state.close()
+
+
+def drive(state: State, run_id: str) -> None:
+    """Step the run (this process has claimed it) until it ends or another process takes it over."""
+    from dstack.errors import StorageError
+    from dstack.orchestrator import Orchestrator
+
+    orch = Orchestrator(state, state.run(run_id))
+    me = os.getpid()
+    try:
+        if not state.beat(run_id, me):  # (its imports may have taken a while)
+            return
+        orch.resume()
+        started = beat = time.monotonic()
+        while True:
+            try:
+                if orch.step():
+                    return
+                now = time.monotonic()
+                if now - beat >= BEAT_S:
+                    if not state.beat(run_id, me):
+                        return  # taken over (we were stuck): the new orchestrator drives it
+                    beat = now
+            except StorageError as e:  # a full disk under DSTACK_HOME: wait for room rather than crash
+                log.warning("%s", e)
+                time.sleep(1)
+                continue
+            time.sleep(poll_interval(now - started))
+    finally:
+        orch.close()
+
+
+def poll_interval(elapsed: float) -> float:
+    """How long to sleep between steps: short at first (a quick job ends within milliseconds), then 0.2 s."""
+    if elapsed < 0.5:
+        return 0.005
+    return 0.02 if elapsed < 3 else 0.2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dstack.supervisor RUN_ID`: the detached orchestrator process."""
+    argv = sys.argv[1:] if argv is None else argv
+    import logging
+    import traceback
+
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        orchestrate(argv[0])
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    from dstack.supervisor import main as _main  # the module's own copy, not this __main__ one
+
+    _main()

@@ -88,15 +88,16 @@ class LocalRunner(Runner):
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def probe(self, docker: bool = True) -> Capacity:
-        """What this machine has; `docker=False` skips asking the engine (a job without an image)."""
+    def probe(self, docker: bool = True, gpus: bool = True) -> Capacity:
+        """What this machine has; `docker`/`gpus` False skip asking the engine / nvidia-smi (for a job that
+        needs neither)."""
         import platform
 
         disk = shutil.disk_usage(self.root)
         return Capacity(
             cpus=float(os.cpu_count() or 1),
             memory_mib=local_memory_mib(),
-            gpus=local_gpus(),
+            gpus=local_gpus() if gpus else [],
             disk_free_mib=disk.free // (1024 * 1024),
             docker=docker and docker_answers(),
             os=f"{platform.system()} {platform.release()}",

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 
 RUN_SH = """#!/usr/bin/env bash
 # dstack job wrapper: pid, log and exit code live next to this file.
-cd "$(dirname "$0")" || exit 1
+case $0 in */*) cd "${0%/*}" || exit 1 ;; esac
 echo $$ > pid.tmp && mv pid.tmp pid
-job=$(basename "$PWD")
+job=${PWD##*/}
 # room to record the end even when the job fills the disk: freed before the exit code is written
-head -c 262144 /dev/zero > .reserve 2>/dev/null
+printf '%262144s' '' > .reserve 2>/dev/null
 # a job with an image runs in a container named in ./container: it goes when the job ends or is stopped
 remove_container() {
   if [ -s container ]; then docker rm -f "$(cat container)" >/dev/null 2>&1; rm -f container; fi

@@ -78,7 +78,7 @@ def main() -> None:
         if e.errno != 28:  # ENOSPC
             raise
         from dstack.cli import ui
-        from dstack.store.state import disk_error
+        from dstack.store.disk import disk_error
 
         ui.error(str(disk_error(e)))
         sys.exit(7)

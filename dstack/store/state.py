@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dstack.errors import NotFoundError, StorageError, UsageError
+from dstack.errors import NotFoundError, UsageError
+from dstack.store.disk import Connection, disk_error
 
 MIGRATIONS: list[str] = [
     # 1: the first schema
@@ -162,50 +163,6 @@ class Tag:
     workflows: list[str] = field(default_factory=list)
 
 
-DISK_ERRORS = ("disk i/o error", "database or disk is full", "unable to open database file")
-
-
-def disk_error(error: BaseException, path: Path | None = None) -> StorageError:
-    """One line for a failed write under DSTACK_HOME: the disk is full (how much is free), or an I/O error."""
-    import shutil
-
-    from dstack.home import home
-
-    where = path.parent if path is not None else home()
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        free = -1
-    if 0 <= free < 1024 * 1024 or getattr(error, "errno", None) == 28:  # ENOSPC
-        return StorageError(
-            f"the disk under DSTACK_HOME ({where}) is full: free space there "
-            f"({max(free, 0) // 1024} KiB left) or point DSTACK_HOME at a disk with room"
-        )
-    return StorageError(f"could not read or write the state under DSTACK_HOME ({where}): {error}")
-
-
-class _Connection(sqlite3.Connection):
-    """A connection whose disk-full and I/O errors are one-line StorageErrors, not tracebacks."""
-
-    path: Path | None = None
-
-    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        try:
-            return super().execute(sql, parameters)
-        except sqlite3.OperationalError as e:
-            if str(e).lower().startswith(DISK_ERRORS):
-                raise disk_error(e, self.path) from e
-            raise
-
-    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        try:
-            return super().executemany(sql, parameters)
-        except sqlite3.OperationalError as e:
-            if str(e).lower().startswith(DISK_ERRORS):
-                raise disk_error(e, self.path) from e
-            raise
-
-
 class State:
     """A connection to the state database with typed reads and writes."""
 
@@ -218,7 +175,7 @@ class State:
         new = not self.path.exists()
         try:
             db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False, factory=_Connection
+                self.path, timeout=30, isolation_level=None, check_same_thread=False, factory=Connection
             )
         except sqlite3.OperationalError as e:
             raise disk_error(e, self.path) from e
