@@ -90,8 +90,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
                 by_key[node.key] = node
                 nodes.append(node)
 
-    taken = {r[0] for r in state.db.execute("SELECT name FROM runs")}
-    name = run_name(taken)
+    name = run_name(_TakenNames(state))
     now = time.time()
     run = Run(
         id=uuid.uuid4().hex,
@@ -165,6 +164,20 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         run.status, run.finished_at = "done", now
     state.insert_run(run, jobs, join=not req.force)
     return CreatedRun(run, jobs, notices)
+
+
+class _TakenNames(set):  # type: ignore[type-arg]
+    """Run names in use, asked one at a time (not every name of a long history read for each run)."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__()
+        self.state = state
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, name: object) -> bool:
+        return self.state.run_named(str(name))
 
 
 def _snapshot(project_root: Path, store: ObjectStore) -> Any:

@@ -156,6 +156,48 @@ def test_stop_ends_descendants_that_called_setsid(make_repo):
     wait_for(lambda: not job_processes(job_id), timeout=10, what="every process of the job to end")
 
 
+def cgroup_v2_writable() -> bool:
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        probe = root / "dstack" / f"probe-{os.getpid()}"
+        if (root / "cgroup.controllers").exists():
+            try:
+                probe.mkdir(parents=True, exist_ok=True)
+                probe.rmdir()
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def sleeping(seconds: str) -> list[int]:
+    """Live `sleep SECONDS` processes."""
+    want = f"sleep\0{seconds}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == want and alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_stop_ends_descendants_that_cleared_their_environment(make_repo):
+    """13.10: a job's cgroup holds even a descendant that cleared its environment and called setsid."""
+    if not cgroup_v2_writable():
+        pytest.skip("no cgroup v2 this user may create a folder in: only setsid'ed descendants are tracked")
+    seconds = str(300 + os.getpid() % 600)
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": f"workflows:\n  - name: a\n    commands: ['env -i setsid sleep {seconds} & wait']\n"
+        }
+    )
+    dstack("run", "a", "-d", cwd=repo)
+    wait_for(lambda: sleeping(seconds), what="the job's sleep")
+    dstack("stop", runs_json(repo)[0]["name"], cwd=repo, timeout=30)
+    wait_for(lambda: not sleeping(seconds), timeout=10, what="the job's sleep to end")
+
+
 def test_passthrough_secret_is_not_left_in_env_sh(make_repo):
     """13.12: `env: [MY_SECRET]` values never stay on disk once the job has read them."""
     repo = make_repo(

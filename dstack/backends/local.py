@@ -180,6 +180,14 @@ class LocalRunner(Runner):
             return
         stop_process_group(pid)
         stop_strays(job_id)
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):  # the job's cgroup, if the wrapper made one
+            group = Path(root) / "dstack" / job_id
+            if group.is_dir():
+                try:
+                    (group / "cgroup.kill").write_text("1")
+                    group.rmdir()
+                except OSError:
+                    pass
 
     def collect_artifacts(
         self, job_id: str, spec: JobSpec, store: ObjectStore, working_subdir: str = "."

@@ -24,12 +24,23 @@ printf '%262144s' '' > .reserve 2>/dev/null
 remove_container() {
   if [ -s container ]; then docker rm -f "$(cat container)" >/dev/null 2>&1; rm -f container; fi
 }
-# the job's processes that left its process group (setsid): their environment names the job
-strays() { grep -lzx "DSTACK_JOB=$job" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
-end_strays() {
-  local p; p=$(strays); [ -n "$p" ] || return 0
+# the job's whole tree: a cgroup (v2) of its own where this user may make one, plus every process whose
+# environment names the job (those that left its process group with setsid)
+cg=""
+for root in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+  if [ -f "$root/cgroup.controllers" ] && mkdir -p "$root/dstack/$job" 2>/dev/null; then
+    cg="$root/dstack/$job" && break
+  fi
+done
+job_pids() {
+  { if [ -n "$cg" ]; then cat "$cg/cgroup.procs" 2>/dev/null; fi
+    grep -lzx "DSTACK_JOB=$job" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; } | grep -vx "$$"
+}
+end_tree() {
+  local p; p=$(job_pids); [ -n "$p" ] || return 0
   kill -TERM $p 2>/dev/null
-  for _ in 1 2 3 4 5 6 7 8 9 10; do sleep 0.1; p=$(strays); [ -n "$p" ] || return 0; done
+  for _ in 1 2 3 4 5 6 7 8 9 10; do sleep 0.1; p=$(job_pids); [ -n "$p" ] || return 0; done
+  if [ -n "$cg" ]; then echo 1 > "$cg/cgroup.kill"; fi 2>/dev/null
   kill -KILL $p 2>/dev/null
 }
 # the end: no secrets left in env.sh; a disk the job filled is named in its log; the exit code recorded
@@ -38,18 +49,20 @@ finish() {
   [ "$1" != 0 ] && [ "$(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')" = 0 ] && full=1
   rm -f env.sh .reserve
   [ -n "$full" ] && echo "dstack: no space left on device (the job filled the disk under $PWD)" >> log
+  if [ -n "$cg" ]; then rmdir "$cg" 2>/dev/null; fi
   echo "$1" > exit.tmp && mv exit.tmp exit
 }
 on_stop() {
   remove_container
   kill -TERM "$child" 2>/dev/null
-  end_strays
+  end_tree
   wait "$child"
   finish 143
   exit 143
 }
 trap on_stop TERM INT
-bash ./job.sh > log 2>&1 < /dev/null &
+( if [ -n "$cg" ]; then echo "$BASHPID" > "$cg/cgroup.procs"; fi 2>/dev/null; exec bash ./job.sh ) \
+  > log 2>&1 < /dev/null &
 child=$!
 wait "$child"
 code=$?

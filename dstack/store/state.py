@@ -268,6 +268,10 @@ class State:
             raise NotFoundError(f"no run named '{ref}' — see `dstack runs` for the names")
         return Run.from_row(row)
 
+    def run_named(self, name: str) -> bool:
+        """Whether a run has this name."""
+        return self.db.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone() is not None
+
     def runs(
         self,
         limit: int | None = None,
