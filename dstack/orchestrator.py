@@ -68,9 +68,10 @@ class Orchestrator:
         run = self.state.run(self.run.id)
         if run.status not in ACTIVE_RUN:
             return True
-        from dstack.backends import ec2
+        if self.state.has_hosts("ec2"):  # (the EC2 code is loaded only where dstack launched instances)
+            from dstack.backends import ec2
 
-        ec2.reap_idle(self.state)
+            ec2.reap_idle(self.state)
         jobs = self.state.jobs(run.id)
         by_id = {j.id: j for j in jobs}
         for job in jobs:

@@ -272,6 +272,10 @@ class State:
         """Whether a run has this name."""
         return self.db.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone() is not None
 
+    def has_hosts(self, kind: str) -> bool:
+        """Whether any host of this kind (`ec2`, `ssh`) is registered."""
+        return self.db.execute("SELECT 1 FROM hosts WHERE kind = ? LIMIT 1", (kind,)).fetchone() is not None
+
     def runs(
         self,
         limit: int | None = None,
