@@ -4,18 +4,15 @@ restarted a few times with a backoff, then its run fails with the reason."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dstack.store.state import Run, State
 
-log = logging.getLogger("dstack.orchestrator")
 MAX_RESTARTS = 3
 STALE_S = float(os.environ.get("DSTACK_ORCHESTRATOR_STALE_S", "120"))  # no heartbeat that long: stuck
 BACKOFF_S = float(os.environ.get("DSTACK_ORCHESTRATOR_BACKOFF_S", "1"))  # 1, 2, 4 s between restarts
@@ -63,6 +60,8 @@ def orchestrator_stuck(run: Run, now: float | None = None) -> bool:
 def start_orchestrator(run_id: str) -> int:
     """Start a detached orchestrator for the run as a fresh process; it drives the run once no live process
     does (so it doubles as the stand-by of a CLI that drives the run while following it). Returns its pid."""
+    import subprocess
+
     from dstack.home import home, sub
 
     log = sub("runs") / f"{run_id}.log"
@@ -185,7 +184,7 @@ def orchestrate(run_id: str) -> None:
                 continue
             if claim_run(state, run):
                 if run.orchestrator_pid is not None:
-                    log.info("took over run %s from process %s", run.name, run.orchestrator_pid)
+                    _log().info("took over run %s from process %s", run.name, run.orchestrator_pid)
                 drive(state, run_id)
                 return
     finally:
@@ -214,7 +213,7 @@ def drive(state: State, run_id: str) -> None:
                         return  # taken over (we were stuck): the new orchestrator drives it
                     beat = now
             except StorageError as e:  # a full disk under DSTACK_HOME: wait for room rather than crash
-                log.warning("%s", e)
+                _log().warning("%s", e)
                 time.sleep(1)
                 continue
             time.sleep(poll_interval(now - started))
@@ -227,6 +226,12 @@ def poll_interval(elapsed: float) -> float:
     if elapsed < 0.5:
         return 0.005
     return 0.02 if elapsed < 3 else 0.2
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("dstack.orchestrator")
 
 
 def main(argv: list[str] | None = None) -> None:
