@@ -193,8 +193,8 @@ def orchestrate(run_id: str) -> None:
 
 def drive(state: State, run_id: str) -> None:
     """Step the run (this process has claimed it) until it ends or another process takes it over."""
-    from dstack.errors import StorageError
     from dstack.orchestrator import Orchestrator
+    from dstack.store.disk import DiskError
 
     orch = Orchestrator(state, state.run(run_id))
     me = os.getpid()
@@ -212,7 +212,7 @@ def drive(state: State, run_id: str) -> None:
                     if not state.beat(run_id, me):
                         return  # taken over (we were stuck): the new orchestrator drives it
                     beat = now
-            except StorageError as e:  # a full disk under DSTACK_HOME: wait for room rather than crash
+            except DiskError as e:  # a full disk under DSTACK_HOME: wait for room rather than crash
                 _log().warning("%s", e)
                 time.sleep(1)
                 continue

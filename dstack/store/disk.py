@@ -9,10 +9,15 @@ from typing import Any
 
 from dstack.errors import StorageError
 
+
+class DiskError(StorageError):
+    """The disk under DSTACK_HOME is full or failed a read/write of the state."""
+
+
 DISK_ERRORS = ("disk i/o error", "database or disk is full", "unable to open database file")
 
 
-def disk_error(error: BaseException, path: Path | None = None) -> StorageError:
+def disk_error(error: BaseException, path: Path | None = None) -> DiskError:
     """One line for a failed write under DSTACK_HOME: the disk is full (how much is free), or an I/O error."""
     import shutil
 
@@ -24,11 +29,11 @@ def disk_error(error: BaseException, path: Path | None = None) -> StorageError:
     except OSError:
         free = -1
     if 0 <= free < 1024 * 1024 or getattr(error, "errno", None) == 28:  # ENOSPC
-        return StorageError(
+        return DiskError(
             f"the disk under DSTACK_HOME ({where}) is full: free space there "
             f"({max(free, 0) // 1024} KiB left) or point DSTACK_HOME at a disk with room"
         )
-    return StorageError(f"could not read or write the state under DSTACK_HOME ({where}): {error}")
+    return DiskError(f"could not read or write the state under DSTACK_HOME ({where}): {error}")
 
 
 class Connection(sqlite3.Connection):
