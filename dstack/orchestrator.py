@@ -225,6 +225,7 @@ class Orchestrator:
             store=self.store,
             gpu_indexes=list(reserved.get("gpus", [])),
             ports=ports,
+            repo=self.run.repo_root,
         )
         runner = self.runner(runner_name)
         job.runner = runner_name

@@ -300,3 +300,35 @@ workflows:
     assert run["status"] == "failed"
     assert "no space left on device" in run["reason"]
     assert "without an exit code" not in run["reason"]
+
+
+def test_job_checkout_follows_the_repo_and_is_private(make_repo):
+    """Issue 15.6: a job's copy of the repo costs what changed (a pristine tree per repo, updated by diff),
+    and a job that writes into a tracked file in place changes neither the store nor a later job's copy."""
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": """\
+workflows:
+  - name: show
+    commands: ["cat data.txt", "ls sub 2>/dev/null || echo no-sub", "test -x run.sh && echo executable"]
+  - name: scribble
+    commands: ["printf XXXX 1<> data.txt", "cat data.txt"]
+""",
+            "data.txt": "original\n",
+            "sub/gone.txt": "soon deleted\n",
+            "run.sh": "#!/bin/sh\n",
+        }
+    )
+    (repo / "run.sh").chmod(0o755)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "exec"], cwd=repo, check=True)
+    assert dstack("run", "show", cwd=repo).out.splitlines() == ["original", "gone.txt", "executable"]
+    assert dstack("run", "scribble", cwd=repo).out.splitlines() == ["XXXXinal"]
+    assert dstack("run", "show", "--force", cwd=repo).out.splitlines()[0] == "original"
+    home = Path(os.environ["DSTACK_HOME"])
+    stored = [p for p in home.glob("artifacts/objects/*/*") if p.read_bytes() == b"original\n"]
+    assert stored, "the store lost the tracked file's content"
+    (repo / "data.txt").write_text("changed\n")
+    subprocess.run(["git", "rm", "-q", "-r", "sub"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qam", "change"], cwd=repo, check=True)
+    assert dstack("run", "show", cwd=repo).out.splitlines() == ["changed", "no-sub", "executable"]

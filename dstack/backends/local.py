@@ -115,8 +115,13 @@ class LocalRunner(Runner):
             check_local_image(ctx.spec.image)  # a missing image fails the job at once, with how to load it
         jd = self.job_dir(ctx.job_id)
         work = jd / "work"
-        work.mkdir(parents=True, exist_ok=True)
-        checkout_files(ctx.code, ctx.store, work)
+        if ctx.repo:
+            from dstack.backends.checkout import checkout_copy
+
+            checkout_copy(ctx.code, ctx.store, work, ctx.repo)
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            checkout_files(ctx.code, ctx.store, work)
         project = work / ctx.working_subdir
         base = project / ctx.spec.working_dir
         for dep in ctx.dependencies:
@@ -201,7 +206,7 @@ class LocalRunner(Runner):
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
         (self.job_dir(job_id) / "env.sh").unlink(missing_ok=True)
         if not keep:
-            shutil.rmtree(self.job_dir(job_id) / "work", ignore_errors=True)
+            remove_tree(self.job_dir(job_id) / "work")
 
 
 def stop_process_group(pid: int, grace: float = 5.0) -> None:
@@ -254,3 +259,25 @@ def stop_strays(job_id: str, grace: float = 2.0) -> None:
             pids = [p for p in pids if process_alive(p)]
         if not pids:
             return
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a job's folder: moved aside at once, deleted by a detached `rm -rf` (thousands of files take a
+    while, and the run need not wait for that)."""
+    from dstack.home import sub
+
+    if not path.exists():
+        return
+    aside = sub("trash") / f"{path.parent.name}-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.replace(path, aside)
+        proc = subprocess.Popen(
+            ["rm", "-rf", str(aside)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        proc.returncode = 0  # detached: never waited for
+    except OSError:
+        shutil.rmtree(aside if aside.exists() else path, ignore_errors=True)
