@@ -1,13 +1,12 @@
-"""The orchestrator: a detached process per run that places and starts jobs, watches them, saves their
-artifacts and finishes the run. The CLI only follows: killing it never stops a run."""
+"""The orchestrator: drives one run — places and starts jobs, watches them, saves their artifacts and
+finishes the run. It runs in `dstack run` while that follows the run, else in a detached process started
+by `dstack.supervisor`; killing the CLI never stops a run."""
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,73 +23,6 @@ REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
 HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed within 30 s
 
 
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (guards against a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def orchestrator_alive(run: Run) -> bool:
-    from dstack.backends.local import process_alive
-
-    if run.orchestrator_pid is None:
-        return False
-    if not process_alive(run.orchestrator_pid):
-        return False
-    start = process_start(run.orchestrator_pid)
-    return start is None or run.orchestrator_start is None or start == run.orchestrator_start
-
-
-def start_orchestrator(state: State, run: Run) -> None:
-    """Fork a detached orchestrator for the run (double fork: it outlives the CLI)."""
-    from dstack.home import sub
-
-    log = sub("runs") / f"{run.id}.log"
-    expect = run.orchestrator_pid
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with state.closed_for_fork():
-        pid = os.fork()
-        if pid:
-            os.waitpid(pid, 0)
-            return
-        _orchestrator_child(run.id, log, expect)
-
-
-def _orchestrator_child(run_id: str, log: Path, expect: int | None) -> None:
-    """The forked child: detach, send output to the run's orchestrator log, drive the run, exit."""
-    try:  # first child
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        logging.basicConfig(
-            stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-        )
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-        code = 0
-        try:
-            orchestrate(run_id, expect)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-    except BaseException:
-        os._exit(1)
-
-
 class Orchestrator:
     """Drives one run: places pending jobs, watches running ones, finishes the run."""
 
@@ -102,6 +34,7 @@ class Orchestrator:
         self.store: ObjectStore = open_object_store(state)
         self.runners: dict[str, Runner] = {}
         self._local_capacity: Capacity | None = None
+        self._docker_asked = self._gpus_asked = False
         self._code: Manifest | None = None
         self._log_offsets: dict[str, int] = {}
         self._rt_synced: dict[str, float] = {}
@@ -119,7 +52,8 @@ class Orchestrator:
         if self._local_capacity is None:
             from dstack.backends.local import LocalRunner
 
-            self._local_capacity = LocalRunner().probe()
+            # Docker and GPUs are asked about when a job needs them: a plain job starts without the wait
+            self._local_capacity = LocalRunner().probe(docker=False, gpus=False)
         return self._local_capacity
 
     @property
@@ -135,15 +69,18 @@ class Orchestrator:
         run = self.state.run(self.run.id)
         if run.status not in ACTIVE_RUN:
             return True
-        from dstack.backends import ec2
+        if self.state.has_hosts("ec2"):  # (the EC2 code is loaded only where dstack launched instances)
+            from dstack.backends import ec2
 
-        ec2.reap_idle(self.state)
+            ec2.reap_idle(self.state)
         jobs = self.state.jobs(run.id)
         by_id = {j.id: j for j in jobs}
         for job in jobs:
             if job.status == "running":
                 self.watch(job)
         for job in jobs:
+            if job.status in ("pending", "waiting") and job.joins and self.join(job):
+                continue
             if job.status in ("pending", "waiting"):
                 ups = [by_id.get(u) or self.state.job(u) for u in job.upstream]
                 bad = [u for u in ups if u.status in ("failed", "stopped", "cancelled")]
@@ -173,6 +110,45 @@ class Orchestrator:
         self.state.set_run(run.id, status=status, finished_at=time.time(), reason=reason)
         return True
 
+    def resume(self) -> None:
+        """Jobs a dead orchestrator left `starting`: running if their process started, else pending again."""
+        for job in self.state.jobs(self.run.id, statuses=("starting",)):
+            try:
+                started = self.runner(job.runner or "local").poll_job(job.id).status != "lost"
+            except DstackError:
+                started = False
+            if started:
+                self.state.transition(
+                    job.id, ("starting",), status="running", started_at=time.time(), log_path=self.log_of(job)
+                )
+            else:
+                self.state.transition(job.id, ("starting",), status="pending", runner=None, reserved=None)
+
+    def join(self, job: Job) -> bool:
+        """A job joined to another run's job with the same key: reuse its result once it is done, wait while
+        it runs. False when that job failed (this one then runs itself)."""
+        target = self.state.job(job.joins or "")
+        if target.status in ("done", "reused") and target.manifest:
+            self.state.transition(
+                job.id,
+                ("pending", "waiting"),
+                status="reused",
+                reused_from=target.reused_from or target.id,
+                manifest=target.manifest,
+                exit_code=0,
+                reason=None,
+                log_path=target.log_path,
+                finished_at=time.time(),
+            )
+            return True
+        if target.status in ACTIVE_JOB:
+            why = f"joined job {target.id} of run {target.run_name} (same inputs): waiting for it"
+            if job.reason != why or job.log_path != target.log_path:  # its output is this job's too
+                self.state.set_job(job.id, status="waiting", reason=why, log_path=target.log_path)
+            return True
+        self.state.set_job(job.id, joins=None, reason=None)
+        return False
+
     def place(self, job: Job, upstream: list[Job]) -> None:
         """Start the job on a runner with room for it, or mark it waiting (or failed if none ever fits)."""
         from dstack.placement import reserve, shortfall
@@ -180,6 +156,14 @@ class Orchestrator:
         from dstack.specs import JobSpec
 
         spec = JobSpec.model_validate(job.spec)
+        if spec.image and not self._docker_asked:
+            from dstack.backends.local import docker_answers
+
+            self.local_capacity.docker, self._docker_asked = docker_answers(), True
+        if spec.resources.gpu.count and not self._gpus_asked:
+            from dstack.backends.local import local_gpus
+
+            self.local_capacity.gpus, self._gpus_asked = local_gpus(), True
         slots = available_slots(self.state, self.local_capacity)
         pin = self.run.host_pin or ("local" if spec.resources.local else None)
         if pin:
@@ -242,25 +226,50 @@ class Orchestrator:
             store=self.store,
             gpu_indexes=list(reserved.get("gpus", [])),
             ports=ports,
+            repo=self.run.repo_root,
         )
         runner = self.runner(runner_name)
+        job.runner = runner_name
+        local_log = self.log_of(job)
+        self._keep_earlier_logs(job, local_log)
         try:
             runner.start_job(ctx)
-        except DstackError as e:
+        except (DstackError, OSError) as e:  # OSError: e.g. no space left for the job's files
             self._fail(job, f"could not start on {runner_name}: {e}")
             return
-        log_path = getattr(runner, "log_path", None)
-        local_log = str(log_path(job.id)) if log_path else str(self._mirror_path(job.id))
         if not self.state.transition(
             job.id, ("starting",), status="running", started_at=time.time(), reason=None, log_path=local_log
         ):
             runner.stop_job(job.id)  # stopped while it was starting
             runner.cleanup_job(job.id, keep=self.run.keep)
 
-    def _mirror_path(self, job_id: str) -> Path:
+    def log_of(self, job: Job) -> str:
+        """The file on this machine with the output of the job's current attempt."""
+        if (job.runner or "local") == "local":
+            from dstack.backends.local import LocalRunner
+
+            runner = self.runner("local")
+            assert isinstance(runner, LocalRunner)
+            return str(runner.log_path(job.id))
+        return str(self._mirror_path(job))
+
+    def _keep_earlier_logs(self, job: Job, path: str) -> None:
+        """An earlier attempt's log at the path this attempt writes to (the local runner's) is moved aside."""
+        moved = False
+        for earlier in job.attempts:
+            if earlier.get("log_path") == path and os.path.exists(path):
+                target = f"{path}.attempt-{earlier['attempt']}"
+                os.replace(path, target)
+                earlier["log_path"] = target
+                moved = True
+        if moved:
+            self.state.set_job(job.id, attempts=job.attempts)
+
+    def _mirror_path(self, job: Job) -> Path:
         from dstack.home import sub
 
-        return sub("logs") / f"{job_id}.log"
+        name = f"{job.id}.log" if job.attempt == 1 else f"{job.id}.attempt-{job.attempt}.log"
+        return sub("logs") / name
 
     def watch(self, job: Job) -> None:
         from dstack.specs import JobSpec
@@ -393,8 +402,10 @@ class Orchestrator:
         )
 
     def _mirror_log(self, runner: Runner, job: Job) -> None:
-        path = self._mirror_path(job.id)
-        offset = self._log_offsets.get(job.id)
+        """Copy what the attempt printed on its host since the last call to its log here."""
+        path = self._mirror_path(job)
+        key = f"{job.id}#{job.attempt}"  # a new attempt's log starts at 0 again
+        offset = self._log_offsets.get(key)
         if offset is None:
             offset = path.stat().st_size if path.exists() else 0
         with open(path, "ab") as f:
@@ -410,44 +421,11 @@ class Orchestrator:
                     break
                 f.write(data)
                 offset += len(data)
-        self._log_offsets[job.id] = offset
+        self._log_offsets[key] = offset
 
     def close(self) -> None:
         for runner in self.runners.values():
             runner.close()
-
-
-def orchestrate(run_id: str, expect_pid: int | None = None) -> None:
-    """Drive a run to its end (runs in the detached orchestrator process)."""
-    from dstack.store.state import open_state
-
-    state = open_state()
-    try:
-        me = os.getpid()
-        if not state.claim_orchestrator(run_id, me, process_start(me), expect_pid):
-            return
-        orch = Orchestrator(state, state.run(run_id))
-        started = time.monotonic()
-        try:
-            while not orch.step():
-                time.sleep(0.02 if time.monotonic() - started < 3 else 0.2)
-        finally:
-            orch.close()
-    finally:
-        state.close()
-
-
-def repair(state: State) -> list[Run]:
-    """Give every unfinished run whose orchestrator died a new one; returns those runs."""
-    resumed = []
-    for run in state.runs(active_only=True):
-        if run.orchestrator_pid is not None and not orchestrator_alive(run):
-            start_orchestrator(state, run)
-            resumed.append(run)
-        elif run.orchestrator_pid is None and time.time() - run.created_at > 10:
-            start_orchestrator(state, run)
-            resumed.append(run)
-    return resumed
 
 
 def _wants(spec: Any) -> str:

@@ -1,7 +1,7 @@
 """Creating runs and stopping them.
 
 `create_run` records the repo state and one job per workflow the run needs (reusing finished jobs with
-the same key); `dstack.orchestrator` then drives the run to its end in a detached process.
+the same key, or joining ones running now); `dstack.orchestrator` then drives the run to its end.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
                 by_key[node.key] = node
                 nodes.append(node)
 
-    taken = {r[0] for r in state.db.execute("SELECT name FROM runs")}
-    name = run_name(taken)
+    name = run_name(_TakenNames(state))
     now = time.time()
     run = Run(
         id=uuid.uuid4().hex,
@@ -174,8 +173,22 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         run.status, run.finished_at = "done", now
         if req.skip_if_reused:
             return CreatedRun(run, jobs, notices, recorded=False)
-    state.insert_run(run, jobs)
+    state.insert_run(run, jobs, join=not req.force)
     return CreatedRun(run, jobs, notices)
+
+
+class _TakenNames(set):  # type: ignore[type-arg]
+    """Run names in use, asked one at a time (not every name of a long history read for each run)."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__()
+        self.state = state
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, name: object) -> bool:
+        return self.state.run_named(str(name))
 
 
 def _snapshot(project_root: Path, store: ObjectStore) -> Any:
@@ -271,11 +284,27 @@ def _substitute_reserved(spec: dict[str, Any], run_name: str, job_id: str) -> di
 
 
 def stop_run(state: State, ref: str) -> Run:
-    """Stop a run: end its running jobs' process trees, cancel the rest."""
+    """Stop a run: end a stuck orchestrator and the running jobs' process trees, cancel the other jobs."""
+    from dstack.supervisor import kill_orchestrator
+
     run = state.run(ref)
     if run.status not in ACTIVE_RUN:
         raise RunError(f"run {run.name} is not running (it is {run.status})")
     state.set_run(run.id, status="stopping")
+    kill_orchestrator(run, only_stuck_cli=True)
+    end_jobs(state, run, "stopped", "stopped by user")
+    state.set_run(run.id, status="stopped", finished_at=time.time(), reason="stopped by user")
+    return state.run(run.id)
+
+
+def fail_run(state: State, run: Run, reason: str) -> None:
+    """Fail a run nothing drives any more: end its jobs (releasing what they reserved), record the reason."""
+    end_jobs(state, run, "failed", f"run failed: {reason}")
+    state.set_run(run.id, status="failed", finished_at=time.time(), reason=reason)
+
+
+def end_jobs(state: State, run: Run, status: str, reason: str) -> None:
+    """End the run's running jobs' process trees (they become `status`) and cancel the ones not started."""
     from dstack.runners import open_runner
 
     runners: dict[str, Runner] = {}
@@ -285,28 +314,22 @@ def stop_run(state: State, ref: str) -> Run:
                 job.id,
                 ("pending", "waiting"),
                 status="cancelled",
-                reason="run stopped",
+                reason="run stopped" if status == "stopped" else reason,
                 finished_at=time.time(),
             )
         elif job.status in ("starting", "running"):
             state.transition(
-                job.id,
-                ("starting", "running"),
-                status="stopped",
-                reason="stopped by user",
-                finished_at=time.time(),
+                job.id, ("starting", "running"), status=status, reason=reason, finished_at=time.time()
             )
             name = job.runner or "local"
-            runner = runners.setdefault(name, open_runner(state, name))
             try:
+                runner = runners.setdefault(name, open_runner(state, name))
                 runner.stop_job(job.id)
                 runner.cleanup_job(job.id, keep=run.keep)
             except DstackError:
                 pass
     for runner in runners.values():
         runner.close()
-    state.set_run(run.id, status="stopped", finished_at=time.time(), reason="stopped by user")
-    return state.run(run.id)
 
 
 def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: bool = True) -> bool:
@@ -318,9 +341,11 @@ def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: b
 
     rule = JobSpec.model_validate(job.spec).retry
     if allow_retry and rule is not None and job.attempt <= rule.limit and kind in rule.on:
+        earlier = {"attempt": job.attempt, "runner": job.runner, "log_path": job.log_path}
         return state.transition(
             job.id, ("starting", "running"), status="pending", runner=None, reserved=None,
             attempt=job.attempt + 1, reason=f"attempt {job.attempt} failed ({reason}); retrying",
+            attempts=[*job.attempts, earlier], log_path=None,
         )  # fmt: skip
     return state.transition(
         job.id, ("starting", "running"), status="failed", reason=reason, finished_at=time.time()

@@ -58,6 +58,7 @@ class JobContext:
     gpu_indexes: list[int] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    repo: str = ""  # the repo the code comes from (the run's repo root): a runner may keep a copy per repo
 
 
 @dataclass

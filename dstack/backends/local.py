@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from dstack.backends.base import Capacity, GpuInfo, JobContext, JobState, Runner
 from dstack.backends.script import RUN_SH, job_env, render_env, render_job
 from dstack.metrics import sampler_source
+from dstack.supervisor import process_alive
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -61,20 +62,6 @@ def docker_answers() -> bool:
     return engine_answers()
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def requirements_digest(ctx: JobContext) -> str | None:
     """The digest of the python provider's requirements file in the run's repo state."""
     py = ctx.spec.python
@@ -102,16 +89,18 @@ class LocalRunner(Runner):
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def probe(self) -> Capacity:
+    def probe(self, docker: bool = True, gpus: bool = True) -> Capacity:
+        """What this machine has; `docker`/`gpus` False skip asking the engine / nvidia-smi (for a job that
+        needs neither)."""
         import platform
 
         disk = shutil.disk_usage(self.root)
         return Capacity(
             cpus=float(os.cpu_count() or 1),
             memory_mib=local_memory_mib(),
-            gpus=local_gpus(),
+            gpus=local_gpus() if gpus else [],
             disk_free_mib=disk.free // (1024 * 1024),
-            docker=docker_answers(),
+            docker=docker and docker_answers(),
             os=f"{platform.system()} {platform.release()}",
             python=platform.python_version(),
             rsync=bool(shutil.which("rsync")),
@@ -127,8 +116,13 @@ class LocalRunner(Runner):
             check_local_image(ctx.spec.image)  # a missing image fails the job at once, with how to load it
         jd = self.job_dir(ctx.job_id)
         work = jd / "work"
-        work.mkdir(parents=True, exist_ok=True)
-        checkout_files(ctx.code, ctx.store, work)
+        if ctx.repo:
+            from dstack.backends.checkout import checkout_copy
+
+            checkout_copy(ctx.code, ctx.store, work, ctx.repo)
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            checkout_files(ctx.code, ctx.store, work)
         project = work / ctx.working_subdir
         base = project / ctx.spec.working_dir
         for dep in ctx.dependencies:
@@ -141,7 +135,9 @@ class LocalRunner(Runner):
         (jd / "job.sh").write_text(render_job(ctx, str(jd), str(self.venvs), requirements_digest(ctx)))
         (jd / "run.sh").write_text(RUN_SH)
         (jd / "sampler.py").write_text(sampler_source())  # metrics, started by run.sh
-        self._procs[ctx.job_id] = subprocess.Popen(
+        for stale in ("exit", "pid"):  # an earlier attempt's
+            (jd / stale).unlink(missing_ok=True)
+        proc = subprocess.Popen(
             ["bash", str(jd / "run.sh")],
             cwd=jd,
             stdin=subprocess.DEVNULL,
@@ -150,10 +146,10 @@ class LocalRunner(Runner):
             start_new_session=True,
             close_fds=True,
         )
-        # the wrapper writes its pid at once; wait briefly so poll_job never sees a job with no pid
-        deadline = time.monotonic() + 5
-        while not (jd / "pid").exists() and time.monotonic() < deadline:
-            time.sleep(0.002)
+        self._procs[ctx.job_id] = proc
+        # the wrapper records the same pid itself; written here too so poll_job never sees a job with none
+        (jd / "pid.start").write_text(str(proc.pid))
+        os.replace(jd / "pid.start", jd / "pid")
 
     def poll_job(self, job_id: str) -> JobState:
         jd = self.job_dir(job_id)
@@ -198,6 +194,15 @@ class LocalRunner(Runner):
         except (OSError, ValueError):
             return
         stop_process_group(pid)
+        stop_strays(job_id)
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):  # the job's cgroup, if the wrapper made one
+            group = Path(root) / "dstack" / job_id
+            if group.is_dir():
+                try:
+                    (group / "cgroup.kill").write_text("1")
+                    group.rmdir()
+                except OSError:
+                    pass
 
     def collect_artifacts(
         self, job_id: str, spec: JobSpec, store: ObjectStore, working_subdir: str = "."
@@ -214,8 +219,9 @@ class LocalRunner(Runner):
         return result.manifest, result.missing
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
+        (self.job_dir(job_id) / "env.sh").unlink(missing_ok=True)
         if not keep:
-            shutil.rmtree(self.job_dir(job_id) / "work", ignore_errors=True)
+            remove_tree(self.job_dir(job_id) / "work")
 
 
 def stop_process_group(pid: int, grace: float = 5.0) -> None:
@@ -235,3 +241,58 @@ def stop_process_group(pid: int, grace: float = 5.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Processes whose environment names the job: its descendants, those that called setsid included."""
+    mark = f"DSTACK_JOB={job_id}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_strays(job_id: str, grace: float = 2.0) -> None:
+    """SIGTERM the job's processes outside its process group, then SIGKILL what is left after `grace`."""
+    pids = job_processes(job_id)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = [p for p in pids if process_alive(p)]
+        if not pids:
+            return
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a job's folder: moved aside at once, deleted by a detached `rm -rf` (thousands of files take a
+    while, and the run need not wait for that)."""
+    from dstack.home import sub
+
+    if not path.exists():
+        return
+    aside = sub("trash") / f"{path.parent.name}-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.replace(path, aside)
+        proc = subprocess.Popen(
+            ["rm", "-rf", str(aside)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        proc.returncode = 0  # detached: never waited for
+    except OSError:
+        shutil.rmtree(aside if aside.exists() else path, ignore_errors=True)

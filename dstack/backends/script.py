@@ -15,28 +15,61 @@ if TYPE_CHECKING:
 
 RUN_SH = """#!/usr/bin/env bash
 # dstack job wrapper: pid, log and exit code live next to this file.
-cd "$(dirname "$0")" || exit 1
+case $0 in */*) cd "${0%/*}" || exit 1 ;; esac
 echo $$ > pid.tmp && mv pid.tmp pid
+job=${PWD##*/}
+# room to record the end even when the job fills the disk: freed before the exit code is written
+printf '%262144s' '' > .reserve 2>/dev/null
 # a job with an image runs in a container named in ./container: it goes when the job ends or is stopped
 remove_container() {
   if [ -s container ]; then docker rm -f "$(cat container)" >/dev/null 2>&1; rm -f container; fi
 }
+# the job's whole tree: a cgroup (v2) of its own where this user may make one, plus every process whose
+# environment names the job (those that left its process group with setsid)
+cg=""
+for root in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+  if [ -f "$root/cgroup.controllers" ] && mkdir -p "$root/dstack/$job" 2>/dev/null; then
+    cg="$root/dstack/$job" && break
+  fi
+done
+job_pids() {
+  { if [ -n "$cg" ]; then cat "$cg/cgroup.procs" 2>/dev/null; fi
+    grep -lzx "DSTACK_JOB=$job" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; } | grep -vx "$$"
+}
+end_tree() {
+  local p; p=$(job_pids); [ -n "$p" ] || return 0
+  kill -TERM $p 2>/dev/null
+  for _ in 1 2 3 4 5 6 7 8 9 10; do sleep 0.1; p=$(job_pids); [ -n "$p" ] || return 0; done
+  if [ -n "$cg" ]; then echo 1 > "$cg/cgroup.kill"; fi 2>/dev/null
+  kill -KILL $p 2>/dev/null
+}
+# the end: no secrets left in env.sh; a disk the job filled is named in its log; the exit code recorded
+finish() {
+  local full=""
+  [ "$1" != 0 ] && [ "$(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')" = 0 ] && full=1
+  rm -f env.sh .reserve
+  [ -n "$full" ] && echo "dstack: no space left on device (the job filled the disk under $PWD)" >> log
+  if [ -n "$cg" ]; then rmdir "$cg" 2>/dev/null; fi
+  echo "$1" > exit.tmp && mv exit.tmp exit
+}
 on_stop() {
   remove_container
   kill -TERM "$child" 2>/dev/null
+  end_tree
   wait "$child"
-  echo 143 > exit.tmp && mv exit.tmp exit
+  finish 143
   exit 143
 }
 trap on_stop TERM INT
 # metrics (dstack.metrics.sampler): one sampler per job appends to ./metrics until ./exit appears
 [ -f sampler.py ] && command -v python3 >/dev/null && { python3 sampler.py $$ >/dev/null 2>&1 </dev/null & }
-bash ./job.sh > log 2>&1 < /dev/null &
+( if [ -n "$cg" ]; then echo "$BASHPID" > "$cg/cgroup.procs"; fi 2>/dev/null; exec bash ./job.sh ) \
+  > log 2>&1 < /dev/null &
 child=$!
 wait "$child"
 code=$?
 remove_container
-echo $code > exit.tmp && mv exit.tmp exit
+finish $code
 """
 
 ENV_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
@@ -137,6 +170,7 @@ def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_diges
         "set -e",
         f"export DSTACK_JOB_DIR={shlex.quote(job_dir)}",
         f". {shlex.quote(job_dir + '/env.sh')}",
+        f"rm -f {shlex.quote(job_dir + '/env.sh')}",  # its values (secrets too) now live in this shell only
         f"cd {shlex.quote(workdir)}",
         python_setup(ctx, venv_root, requirements_digest),
     ]

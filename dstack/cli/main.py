@@ -81,6 +81,14 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("\nInterrupted\n")
         sys.exit(130)
+    except OSError as e:  # a full disk under DSTACK_HOME is one line, like any DstackError
+        if e.errno != 28:  # ENOSPC
+            raise
+        from dstack.cli import ui
+        from dstack.store.disk import disk_error
+
+        ui.error(str(disk_error(e)))
+        sys.exit(7)
 
 
 def _configure_logging(debug: bool) -> None:

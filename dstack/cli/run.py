@@ -52,7 +52,6 @@ def run(
         if after and extra[-len(after) :] == after:
             extra = [*extra[: len(extra) - len(after)], "--", *after]
     overrides, args = parse_variables(extra)
-    from dstack.orchestrator import start_orchestrator
     from dstack.runs import RunRequest, create_run
     from dstack.store.state import open_state
     from dstack.sweeps import expand_grid
@@ -92,16 +91,23 @@ def run(
         if run_.status == "done":
             ui.info(f"All jobs reused ({', '.join(reused)}); nothing to run. `--force` runs them again.")
             return
-        start_orchestrator(state, run_)
+        from dstack.supervisor import claim_run, start_orchestrator
+
         if detach:
+            start_orchestrator(run_.id)
             ui.info(
                 f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`."
             )
             return
+        # this process drives the run while it follows it; once the run lasts, a fresh orchestrator process
+        # stands by and takes the run over if this one goes away (Ctrl-C, a closed terminal, a kill)
+        drive = claim_run(state, run_)
+        if not drive:
+            start_orchestrator(run_.id)
         from dstack.cli.runs import follow
 
         try:
-            follow(state, run_.id)
+            follow(state, run_.id, drive=drive)
         finally:
             if run_.reproduce_of:
                 _report_reproduction(state, run_.id, run_.reproduce_of)

@@ -26,8 +26,8 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     from dstack.cli import ui
-    from dstack.orchestrator import repair
     from dstack.store.state import open_state
+    from dstack.supervisor import repair
 
     with open_state() as state:
         repair(state)
@@ -181,8 +181,8 @@ def jobs(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     from dstack.cli import ui
-    from dstack.orchestrator import repair
     from dstack.store.state import open_state
+    from dstack.supervisor import repair
 
     with open_state() as state:
         repair(state)
@@ -229,8 +229,8 @@ def logs(
     run: str = typer.Argument(..., help="Run name or prefix."),
     follow_: bool = typer.Option(False, "-f", "--follow", help="Follow the output until the run ends."),
 ) -> None:
-    from dstack.orchestrator import repair
     from dstack.store.state import open_state
+    from dstack.supervisor import repair
 
     with open_state() as state:
         repair(state)
@@ -262,7 +262,9 @@ def job_labels(jobs_: list) -> dict[str, str]:  # type: ignore[type-arg]
     return labels
 
 
-def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failure: bool = True) -> None:
+def follow(
+    state: State, run_id: str, follow_output: bool = True, exit_on_failure: bool = True, drive: bool = False
+) -> None:
     """Print a run's output as it comes, prefixed by job when several jobs run; exit non-zero if it failed."""
     from rich.markup import escape
 
@@ -275,7 +277,7 @@ def follow(state: State, run_id: str, follow_output: bool = True, exit_on_failur
     labels = job_labels(jobs_)
     width = max((len(v) for v in labels.values()), default=0)
     try:
-        for event in follow_run(state, run_id, follow=follow_output):
+        for event in follow_run(state, run_id, follow=follow_output, drive=drive):
             if event.kind == "status":
                 quiet = ("pending", "starting") + (() if prefix else ("running", "done"))
                 if event.text.startswith(quiet):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dstack.errors import NotFoundError, UsageError
+from dstack.store.disk import Connection, disk_error
 
 MIGRATIONS: list[str] = [
     # 1: the first schema
@@ -64,6 +65,14 @@ MIGRATIONS: list[str] = [
       detail TEXT NOT NULL DEFAULT '{}',
       installed_at REAL NOT NULL);
     """,
+    # 2 (orch): orchestrator heartbeats and bounded restarts; each attempt's log; joining a running job
+    """
+    ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
+    ALTER TABLE runs ADD COLUMN orchestrator_restarts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN orchestrator_restarted_at REAL;
+    ALTER TABLE jobs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN joins TEXT;
+    """,
 ]
 
 ACTIVE_JOB = ("pending", "waiting", "starting", "running")
@@ -99,6 +108,9 @@ class Run:
     created_at: float = 0.0
     finished_at: float | None = None
     origin: str | None = None  # what started it: None by hand, "commit SHA", "schedule EXPR", "watch"
+    heartbeat_at: float | None = None  # the orchestrator's last loop
+    orchestrator_restarts: int = 0
+    orchestrator_restarted_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Run:
@@ -131,12 +143,15 @@ class Job:
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier ones: attempt, runner, log_path
+    joins: str | None = None  # a job of another run with the same key, running now: this one waits for it
     run_name: str = ""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         d = dict(row)
         d["spec"] = json.loads(d["spec"])
+        d["attempts"] = json.loads(d.get("attempts") or "[]")
         d["upstream"] = json.loads(d["upstream"] or "[]")
         d["reserved"] = json.loads(d["reserved"]) if d["reserved"] else None
         d.setdefault("run_name", "")
@@ -171,7 +186,13 @@ class State:
 
     def _connect(self) -> sqlite3.Connection:
         new = not self.path.exists()
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False, factory=Connection
+            )
+        except sqlite3.OperationalError as e:
+            raise disk_error(e, self.path) from e
+        db.path = self.path
         if new:
             os.chmod(self.path, 0o600)
         db.row_factory = sqlite3.Row
@@ -182,15 +203,6 @@ class State:
 
     def close(self) -> None:
         self.db.close()
-
-    @contextmanager
-    def closed_for_fork(self) -> Iterator[None]:
-        """Close the connection around a fork (SQLite connections must never cross one), then reopen."""
-        self.db.close()
-        try:
-            yield
-        finally:
-            self.db = self._connect()
 
     def __enter__(self) -> State:
         return self
@@ -222,7 +234,9 @@ class State:
         self.db.execute("COMMIT")
 
     # -- runs ---------------------------------------------------------------------------------------
-    def insert_run(self, run: Run, jobs: list[Job]) -> None:
+    def insert_run(self, run: Run, jobs: list[Job], join: bool = True) -> None:
+        """Record a run and its jobs. With `join`, a pending job whose key another run's job has (running, or
+        about to) joins that job instead of running again: found and claimed in this one transaction."""
         with self.transaction() as db:
             d = dict(run.__dict__)
             d["untracked"] = json.dumps(d["untracked"])
@@ -231,6 +245,14 @@ class State:
             cols = ",".join(d)
             db.execute(f"INSERT INTO runs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
             for job in jobs:
+                if join and job.status == "pending" and job.key:
+                    row = db.execute(
+                        "SELECT id FROM jobs WHERE key = ? AND run_id != ? AND (status IN "
+                        "('pending', 'waiting', 'starting', 'running') OR (status = 'done' AND manifest "
+                        "IS NOT NULL)) ORDER BY joins IS NOT NULL, created_at DESC LIMIT 1",
+                        (job.key, run.id),
+                    ).fetchone()
+                    job.joins = row[0] if row else None
                 self._insert_job(db, job)
 
     def _insert_job(self, db: sqlite3.Connection, job: Job) -> None:
@@ -238,6 +260,7 @@ class State:
         d.pop("run_name", None)
         d["spec"] = json.dumps(d["spec"])
         d["upstream"] = json.dumps(d["upstream"])
+        d["attempts"] = json.dumps(d["attempts"])
         d["reserved"] = json.dumps(d["reserved"]) if d["reserved"] is not None else None
         cols = ",".join(d)
         db.execute(f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
@@ -257,6 +280,14 @@ class State:
         if row is None:
             raise NotFoundError(f"no run named '{ref}' — see `dstack runs` for the names")
         return Run.from_row(row)
+
+    def run_named(self, name: str) -> bool:
+        """Whether a run has this name."""
+        return self.db.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone() is not None
+
+    def has_hosts(self, kind: str) -> bool:
+        """Whether any host of this kind (`ec2`, `ssh`) is registered."""
+        return self.db.execute("SELECT 1 FROM hosts WHERE kind = ? LIMIT 1", (kind,)).fetchone() is not None
 
     def runs(
         self,
@@ -290,10 +321,27 @@ class State:
             if row is None or row[0] not in (None, expect_pid):
                 return False
             db.execute(
-                "UPDATE runs SET orchestrator_pid = ?, orchestrator_start = ? WHERE id = ?",
-                (pid, start, run_id),
+                "UPDATE runs SET orchestrator_pid = ?, orchestrator_start = ?, heartbeat_at = ? WHERE id = ?",
+                (pid, start, time.time(), run_id),
             )
             return True
+
+    def beat(self, run_id: str, pid: int) -> bool:
+        """The orchestrator's heartbeat; False when another process has taken the run over."""
+        cur = self.db.execute(
+            "UPDATE runs SET heartbeat_at = ? WHERE id = ? AND orchestrator_pid = ?",
+            (time.time(), run_id, pid),
+        )
+        return cur.rowcount > 0
+
+    def count_restart(self, run_id: str, restarts: int) -> bool:
+        """Count one more restart of the run's orchestrator, unless another process just did."""
+        cur = self.db.execute(
+            "UPDATE runs SET orchestrator_restarts = ?, orchestrator_restarted_at = ? "
+            "WHERE id = ? AND orchestrator_restarts = ?",
+            (restarts + 1, time.time(), run_id, restarts),
+        )
+        return cur.rowcount > 0
 
     # -- jobs ---------------------------------------------------------------------------------------
     def jobs(self, run_id: str | None = None, statuses: tuple[str, ...] | None = None) -> list[Job]:
@@ -319,15 +367,13 @@ class State:
         return Job.from_row(row)
 
     def set_job(self, job_id: str, **fields: Any) -> None:
-        if "reserved" in fields and fields["reserved"] is not None:
-            fields["reserved"] = json.dumps(fields["reserved"])
+        _encode(fields)
         sets = ",".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
 
     def transition(self, job_id: str, from_statuses: tuple[str, ...], **fields: Any) -> bool:
         """Update a job only if it is still in one of `from_statuses` (so a stop is never overwritten)."""
-        if "reserved" in fields and fields["reserved"] is not None:
-            fields["reserved"] = json.dumps(fields["reserved"])
+        _encode(fields)
         sets = ",".join(f"{k} = ?" for k in fields)
         marks = ",".join("?" * len(from_statuses))
         cur = self.db.execute(
@@ -422,6 +468,14 @@ class State:
             self.db.execute("DELETE FROM settings WHERE key = ?", (key,))
         else:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+
+def _encode(fields: dict[str, Any]) -> None:
+    """JSON columns of jobs, as stored."""
+    if "reserved" in fields and fields["reserved"] is not None:
+        fields["reserved"] = json.dumps(fields["reserved"])
+    if "attempts" in fields:
+        fields["attempts"] = json.dumps(fields["attempts"])
 
 
 def open_state() -> State:

@@ -44,7 +44,7 @@ def start(
     skip_if_reused: bool = False,
 ) -> Fire:
     """Create the workflow's run (detached, like `dstack run W -d`) and record the fire."""
-    from dstack.orchestrator import start_orchestrator
+    from dstack.supervisor import start_orchestrator
     from dstack.runs import RunRequest, create_run
 
     kind = "watch" if origin == "watch" else trigger.kind
@@ -69,7 +69,7 @@ def start(
         if created.run.status == "done":
             fire.outcome = "done: every job reused"
         else:
-            start_orchestrator(state, created.run)
+            start_orchestrator(created.run.id)
     record_fire(state, fire)
     return fire
 

@@ -180,5 +180,11 @@ workflows:
         assert "finished" in follow.out
         [job] = json.loads(dstack("jobs", run, "--json", cwd=repo).out)
         assert job["status"] == "done" and job["runner"] != runner
+        # each attempt's log is whole, one after the other: the new one from its first line on
+        header = f"── attempt 2 on {job['runner']} ──"
+        shown = dstack("logs", run, cwd=repo).out
+        assert header in shown and header in follow.out
+        second = shown.split(header, 1)[1].strip().splitlines()
+        assert second[0].startswith("attempt on ") and second[-1] == "finished", shown
     finally:
         victim.reconnect()
