@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from dstack.workflows import Project
 
 FORMAT = 1  # bump when a plan's meaning changes
-# a file changed this recently may change again within the same timestamp tick and look the same
-# (Git's "racy" files): no plan is remembered until it is older (the digest cache waits as long)
+# a file changed this recently may change again within its timestamp's tick and keep its stat (Git's
+# "racily clean" files): a plan remembers such files' content digests and checks them on use
 RACY_WINDOW_NS = 2_000_000_000
+MAX_RECENT = 200  # more recent files than this (a fresh checkout): remember nothing until they settle
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Plan:
     code_manifest: str
     jobs: list[PlannedJob]
     tags: dict[str, list[str]] = field(default_factory=dict)  # label (`prepare:latest`) -> job ids read
+    recent: dict[str, str] = field(default_factory=dict)  # path -> content digest of racy files
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -71,10 +73,10 @@ class Plan:
 
 @dataclass
 class Fingerprint:
-    """What a plan is remembered under; `racy` when some input changed too recently to be told apart."""
+    """What a plan is remembered under, and the input files too recent for their stat to be trusted."""
 
     digest: str
-    racy: bool
+    recent: list[str]
 
 
 def plan_from_nodes(project: Project, repo: RepoState, code_manifest: str, nodes: list[Node]) -> Plan:
@@ -114,10 +116,11 @@ def fingerprint(state: State, req: RunRequest) -> Fingerprint | None:
     from dstack.repo import repo_fingerprint
 
     cwd = Path(req.cwd).resolve()
-    repo = repo_fingerprint(cwd)
+    since = time.time_ns() - RACY_WINDOW_NS
+    repo = repo_fingerprint(cwd, since)
     if repo is None:
         return None
-    config, config_newest = _config_stat(cwd, repo.repo_root)
+    config, config_recent = _config_stat(cwd, repo.repo_root, since)
     material = {
         "format": FORMAT,
         "dstack": _code_stat(),
@@ -134,8 +137,7 @@ def fingerprint(state: State, req: RunRequest) -> Fingerprint | None:
         "storage": state.setting("storage"),
     }
     digest = hashlib.blake2b(json.dumps(material).encode(), digest_size=32).hexdigest()
-    newest = max(repo.newest_ns, config_newest)
-    return Fingerprint(digest, racy=time.time_ns() - newest < RACY_WINDOW_NS)
+    return Fingerprint(digest, sorted({*repo.recent, *config_recent}))
 
 
 def recall_plan(state: State, fp: Fingerprint) -> Plan | None:
@@ -154,13 +156,18 @@ def recall_plan(state: State, fp: Fingerprint) -> Plan | None:
     for label, job_ids in plan.tags.items():
         if _tag_jobs(state, label) != job_ids:
             return None
+    for path, digest in plan.recent.items():
+        if _content_digest(path) != digest:
+            return None
     return plan
 
 
 def remember_plan(state: State, req: RunRequest, fp: Fingerprint, plan: Plan) -> None:
-    """Keep `plan` under `fp`, unless an input changed too recently or while the plan was worked out."""
-    if fp.racy:
+    """Keep `plan` under `fp` (with the content of its recent files), unless an input changed while the
+    plan was worked out."""
+    if len(fp.recent) > MAX_RECENT:
         return
+    plan.recent = {path: _content_digest(path) for path in fp.recent}
     again = fingerprint(state, req)
     if again is None or again.digest != fp.digest:
         return
@@ -181,18 +188,37 @@ def _tag_jobs(state: State, label: str) -> list[str] | None:
     return [j.id for j in jobs if not workflow or j.workflow == workflow]
 
 
-def _config_stat(cwd: Path, repo_root: Path) -> tuple[list[object], int]:
-    """Stat rows of everything under each `.dstack/` from `cwd` up to the repo root (ignored files too)."""
+def _config_stat(cwd: Path, repo_root: Path, since_ns: int) -> tuple[list[object], list[str]]:
+    """Stat rows of everything under each `.dstack/` from `cwd` up to the repo root (ignored files too),
+    and the files changed since `since_ns`."""
     rows: list[object] = []
-    newest = 0
+    recent: list[str] = []
     for folder in (cwd, *cwd.parents):
         top = folder / ".dstack"
         for path, st in _walk(os.fspath(top)):
             rows.append((path, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+            if st.st_mtime_ns >= since_ns or st.st_ctime_ns >= since_ns:
+                recent.append(path)
         if folder == repo_root or not str(folder).startswith(str(repo_root)):
             break
-    return rows, newest
+    return rows, recent
+
+
+def _content_digest(path: str) -> str:
+    """What a file holds ("" for a folder or nothing): its digest, or a symlink's target's."""
+    import stat
+
+    from dstack.hashing import digest_bytes, digest_file
+
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return "link:" + digest_bytes(os.fsencode(os.readlink(path)))
+        if stat.S_ISREG(st.st_mode):
+            return digest_file(Path(path))
+    except OSError:
+        pass
+    return ""
 
 
 def _walk(top: str) -> list[tuple[str, os.stat_result]]:

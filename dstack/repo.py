@@ -212,12 +212,15 @@ class RepoFingerprint:
     branch: str | None
     untracked: list[str]
     digest: str
-    newest_ns: int  # the latest mtime/ctime seen: a file changed within the racy window may change unseen
+    recent: list[str]  # absolute paths of files changed since `since_ns`: their stat alone can't be trusted
 
 
-def repo_fingerprint(project_root: Path) -> RepoFingerprint | None:
+def repo_fingerprint(project_root: Path, since_ns: int) -> RepoFingerprint | None:
     """The repo's fingerprint from two git calls and one lstat per file; None where it can't be told
-    cheaply (no repo, a reftable or other unusual HEAD): then take a full snapshot."""
+    cheaply (no repo, a reftable or other unusual HEAD): then take a full snapshot.
+
+    Files whose mtime or ctime is `since_ns` or later are listed in `recent`: one may change again within
+    its timestamp's tick and keep its stat (Git's "racily clean" entries), so only its content tells."""
     import hashlib
 
     proc = _git(
@@ -238,7 +241,7 @@ def repo_fingerprint(project_root: Path) -> RepoFingerprint | None:
         return None
     rows: list[tuple[object, ...]] = []
     untracked: list[str] = []
-    newest = 0
+    recent: list[str] = []
     lstat = os.lstat
     prefix = os.fsencode(top) + b"/"
     for item in listing.stdout.split(b"\0"):
@@ -253,7 +256,8 @@ def repo_fingerprint(project_root: Path) -> RepoFingerprint | None:
             rows.append((tag, path))
             continue
         rows.append((tag, path, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+        if st.st_mtime_ns >= since_ns or st.st_ctime_ns >= since_ns:
+            recent.append(os.fsdecode(prefix + path))
     config = _stat_row(common / "config")
     material = repr((head, config, rows)).encode("utf-8", "surrogateescape")
     return RepoFingerprint(
@@ -262,7 +266,7 @@ def repo_fingerprint(project_root: Path) -> RepoFingerprint | None:
         branch=head[1],
         untracked=untracked,
         digest=hashlib.blake2b(material, digest_size=32).hexdigest(),
-        newest_ns=newest,
+        recent=recent,
     )
 
 

@@ -52,7 +52,6 @@ def run(
         if after and extra[-len(after) :] == after:
             extra = [*extra[: len(extra) - len(after)], "--", *after]
     overrides, args = parse_variables(extra)
-    from dstack.orchestrator import start_orchestrator
     from dstack.runs import RunRequest, create_run
     from dstack.store.state import open_state
     from dstack.sweeps import expand_grid
@@ -92,6 +91,8 @@ def run(
         if run_.status == "done":
             ui.info(f"All jobs reused ({', '.join(reused)}); nothing to run. `--force` runs them again.")
             return
+        from dstack.orchestrator import start_orchestrator
+
         start_orchestrator(state, run_)
         if detach:
             ui.info(
