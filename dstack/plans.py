@@ -142,11 +142,9 @@ def fingerprint(state: State, req: RunRequest) -> Fingerprint | None:
 
 def recall_plan(state: State, fp: Fingerprint) -> Plan | None:
     """The plan remembered under `fp`, if the tags it read still name the same jobs."""
-    from dstack.home import sub
-    from dstack.store.plans import PlanCache
+    from dstack.store.plans import read_plan
 
-    with PlanCache(sub("cache") / "plans.sqlite") as cache:
-        text = cache.get(fp.digest)
+    text = read_plan(fp.digest)
     if text is None:
         return None
     try:
@@ -171,11 +169,9 @@ def remember_plan(state: State, req: RunRequest, fp: Fingerprint, plan: Plan) ->
     again = fingerprint(state, req)
     if again is None or again.digest != fp.digest:
         return
-    from dstack.home import sub
-    from dstack.store.plans import PlanCache
+    from dstack.store.plans import write_plan
 
-    with PlanCache(sub("cache") / "plans.sqlite") as cache:
-        cache.put(fp.digest, plan.to_json())
+    write_plan(fp.digest, plan.to_json())
 
 
 def _tag_jobs(state: State, label: str) -> list[str] | None:

@@ -216,3 +216,13 @@ def test_a_moved_tag_is_read_again(make_repo):
     res = dstack("run", "use", cwd=repo)
     assert "2" in res.out.split()  # ran with the new tag's artifacts
     assert last_statuses(repo) == {"use": "done"}
+
+
+def test_an_unreadable_plan_cache_only_costs_time(make_repo, dstack_home):
+    repo = make_repo(FILES)
+    dstack("run", "train", cwd=repo)
+    cache = dstack_home / "cache" / "plans.sqlite"
+    for leftover in cache.parent.glob("plans.sqlite-*"):
+        leftover.unlink()
+    cache.write_bytes(b"not a database" * 100)
+    assert "All jobs reused" in dstack("run", "train", cwd=repo).err

@@ -17,6 +17,30 @@ CREATE TABLE IF NOT EXISTS plans (
 KEEP = 500  # plans kept; the least recently used go first
 
 
+def _path() -> Path:
+    from dstack.home import sub
+
+    return sub("cache") / "plans.sqlite"
+
+
+def read_plan(fingerprint: str) -> str | None:
+    """The plan remembered under `fingerprint` in `$DSTACK_HOME/cache`; None if none (or unreadable)."""
+    try:
+        with PlanCache(_path()) as cache:
+            return cache.get(fingerprint)
+    except (sqlite3.Error, OSError):
+        return None  # a cache: the plan is worked out again
+
+
+def write_plan(fingerprint: str, plan: str) -> None:
+    """Remember `plan`; a cache that can't be written is skipped (the run is recorded already)."""
+    try:
+        with PlanCache(_path()) as cache:
+            cache.put(fingerprint, plan)
+    except (sqlite3.Error, OSError):
+        pass
+
+
 class PlanCache:
     """Plans (JSON) by fingerprint. A cache: unreadable or missing means "work it out again"."""
 
@@ -24,9 +48,13 @@ class PlanCache:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=5, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self._db.close()
+            raise
 
     def get(self, fingerprint: str) -> str | None:
         """The plan remembered under `fingerprint`, or None."""
