@@ -25,8 +25,8 @@ def runs(
     sweep: str = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
+    from dstack.cli import repair_runs as repair
     from dstack.cli import ui
-    from dstack.orchestrator import repair
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -169,8 +169,8 @@ def jobs(
     run: str = typer.Argument(None, help="Run name or prefix (default: the latest runs)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
+    from dstack.cli import repair_runs as repair
     from dstack.cli import ui
-    from dstack.orchestrator import repair
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -218,7 +218,7 @@ def logs(
     run: str = typer.Argument(..., help="Run name or prefix."),
     follow_: bool = typer.Option(False, "-f", "--follow", help="Follow the output until the run ends."),
 ) -> None:
-    from dstack.orchestrator import repair
+    from dstack.cli import repair_runs as repair
     from dstack.store.state import open_state
 
     with open_state() as state:
