@@ -210,7 +210,6 @@ class RepoFingerprint:
     repo_root: Path
     commit: str | None
     branch: str | None
-    untracked: list[str]
     digest: str
     recent: list[str]  # absolute paths of files changed since `since_ns`: their stat alone can't be trusted
 
@@ -240,16 +239,13 @@ def repo_fingerprint(project_root: Path, since_ns: int) -> RepoFingerprint | Non
     if listing.returncode != 0:
         return None
     rows: list[tuple[object, ...]] = []
-    untracked: list[str] = []
     recent: list[str] = []
     lstat = os.lstat
     prefix = os.fsencode(top) + b"/"
     for item in listing.stdout.split(b"\0"):
         if not item:
             continue
-        tag, path = item[:1], item[2:]
-        if tag == b"?":
-            untracked.append(os.fsdecode(path))
+        tag, path = item[:1], item[2:]  # "H" tracked, "?" untracked, …
         try:
             st = lstat(prefix + path)
         except OSError:
@@ -264,7 +260,6 @@ def repo_fingerprint(project_root: Path, since_ns: int) -> RepoFingerprint | Non
         repo_root=Path(top),
         commit=head[0],
         branch=head[1],
-        untracked=untracked,
         digest=hashlib.blake2b(material, digest_size=32).hexdigest(),
         recent=recent,
     )

@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS plans (
 ) WITHOUT ROWID;
 """
 KEEP = 500  # plans kept; the least recently used go first
+MAX_PLAN = 4 << 20  # a plan bigger than this (a huge uncommitted diff) is not kept
 
 
 def _path() -> Path:
@@ -34,6 +35,8 @@ def read_plan(fingerprint: str) -> str | None:
 
 def write_plan(fingerprint: str, plan: str) -> None:
     """Remember `plan`; a cache that can't be written is skipped (the run is recorded already)."""
+    if len(plan) > MAX_PLAN:
+        return
     try:
         with PlanCache(_path()) as cache:
             cache.put(fingerprint, plan)
