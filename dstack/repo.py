@@ -9,11 +9,13 @@ import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dstack.artifacts import SourceFile, materialize, store_files
 from dstack.errors import RepoError
-from dstack.store.digests import DigestCache
-from dstack.store.objects import Manifest, ObjectStore
+
+if TYPE_CHECKING:  # pydantic and the stores load only where a snapshot is taken or read
+    from dstack.store.digests import DigestCache
+    from dstack.store.objects import Manifest, ObjectStore
 
 _GIT_ENV = {"GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}
 
@@ -29,7 +31,7 @@ class RepoState:
     commit: str | None  # None in a repo with no commits
     diff: str  # `git diff HEAD --binary`
     untracked: list[str] = field(default_factory=list)
-    files: Manifest = field(default_factory=Manifest)
+    files: Manifest = field(default_factory=lambda: _manifest()())
     working_subdir: str = "."  # project_root relative to repo_root
 
     def to_json(self) -> str:
@@ -51,6 +53,7 @@ class RepoState:
     @classmethod
     def from_json(cls, data: str) -> RepoState:
         """The state back from `to_json()`."""
+        Manifest = _manifest()
         d = json.loads(data)
         return cls(
             repo_root=Path(d["repo_root"]),
@@ -63,6 +66,12 @@ class RepoState:
             files=Manifest.model_validate(d["files"]),
             working_subdir=d["working_subdir"],
         )
+
+
+def _manifest() -> type[Manifest]:
+    from dstack.store.objects import Manifest
+
+    return Manifest
 
 
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -115,6 +124,8 @@ def _remote_url(repo_root: Path, branch: str | None) -> str | None:
 
 def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) -> RepoState:
     """Record the repo's exact state (commit, diff, untracked files) and store every working-tree file."""
+    from dstack.artifacts import SourceFile, store_files
+
     project_root = project_root.absolute()
     repo_root = find_repo_root(project_root)
     head = _git(repo_root, "rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
@@ -165,6 +176,8 @@ def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) ->
 
 def snapshot_commit(project_root: Path, store: ObjectStore, rev: str, into: Path) -> RepoState:
     """The repo as committed at `rev` only (no diff, no untracked files); its files written under `into`."""
+    from dstack.artifacts import SourceFile, store_files
+
     project_root = project_root.absolute()
     repo_root = find_repo_root(project_root)
     head = _git(repo_root, "rev-parse", "-q", "--verify", f"{rev}^{{commit}}", check=False)
@@ -241,8 +254,120 @@ def checkout_files(
     `include`: glob patterns (a directory includes what is under it); files already there with the
     right content are kept.
     """
+    from dstack.artifacts import materialize
+
     entries = files.entries if include is None else [e for e in files.entries if is_included(e.path, include)]
     materialize(list(entries), store, target)
 
 
 _included = is_included  # the name dstack.backends.ssh imports
+
+
+@dataclass
+class RepoFingerprint:
+    """The repo's state as stat data, read the way `git status` reads it: equal only where the snapshot
+    would be (same commit, branch, file list, and each file's mode, size, mtime, ctime and inode)."""
+
+    repo_root: Path
+    commit: str | None
+    branch: str | None
+    digest: str
+    recent: list[str]  # absolute paths of files changed since `since_ns`: their stat alone can't be trusted
+
+
+def repo_fingerprint(project_root: Path, since_ns: int) -> RepoFingerprint | None:
+    """The repo's fingerprint from two git calls and one lstat per file; None where it can't be told
+    cheaply (no repo, a reftable or other unusual HEAD): then take a full snapshot.
+
+    Files whose mtime or ctime is `since_ns` or later are listed in `recent`: one may change again within
+    its timestamp's tick and keep its stat (Git's "racily clean" entries), so only its content tells."""
+    import hashlib
+
+    proc = _git(
+        project_root, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--git-common-dir", check=False
+    )
+    lines = proc.stdout.decode(errors="surrogateescape").split("\n")
+    if proc.returncode != 0 or len(lines) < 3:
+        return None
+    top, git_dir = lines[0], Path(lines[1])
+    common = Path(lines[2]) if os.path.isabs(lines[2]) else Path(project_root, lines[2])
+    head = _read_head(git_dir, common)
+    if head is None:
+        return None
+    listing = _git(
+        Path(top), "ls-files", "-z", "-t", "--cached", "--others", "--exclude-standard", check=False
+    )
+    if listing.returncode != 0:
+        return None
+    rows: list[tuple[object, ...]] = []
+    recent: list[str] = []
+    lstat = os.lstat
+    prefix = os.fsencode(top) + b"/"
+    for item in listing.stdout.split(b"\0"):
+        if not item:
+            continue
+        tag, path = item[:1], item[2:]  # "H" tracked, "?" untracked, …
+        try:
+            st = lstat(prefix + path)
+        except OSError:
+            rows.append((tag, path))
+            continue
+        rows.append((tag, path, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        if st.st_mtime_ns >= since_ns or st.st_ctime_ns >= since_ns:
+            recent.append(os.fsdecode(prefix + path))
+    config = _stat_row(common / "config")
+    material = repr((head, config, rows)).encode("utf-8", "surrogateescape")
+    return RepoFingerprint(
+        repo_root=Path(top),
+        commit=head[0],
+        branch=head[1],
+        digest=hashlib.blake2b(material, digest_size=32).hexdigest(),
+        recent=recent,
+    )
+
+
+def _stat_row(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _read_head(git_dir: Path, common: Path) -> tuple[str | None, str | None] | None:
+    """(commit, branch) as .git/HEAD and the refs say; None where it takes Git to tell (reftable…)."""
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if (common / "reftable").exists():
+        return None
+    if not head.startswith("ref: "):
+        return (head, None) if _is_oid(head) else None
+    ref = head[5:]
+    if not ref.startswith("refs/heads/"):
+        return None
+    branch = ref.removeprefix("refs/heads/")
+    for folder in (git_dir, common):
+        try:
+            oid = (folder / ref).read_text().strip()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError):
+            return None
+        return (oid, branch) if _is_oid(oid) else None
+    try:
+        packed = (common / "packed-refs").read_text()
+    except FileNotFoundError:
+        return (None, branch)  # a branch with no commits yet
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in packed.splitlines():
+        oid, _, name = line.partition(" ")
+        if name == ref:
+            return (oid, branch) if _is_oid(oid) else None
+    return (None, branch)
+
+
+def _is_oid(text: str) -> bool:
+    return len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text)

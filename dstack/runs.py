@@ -6,6 +6,7 @@ the same key, or joining ones running now); `dstack.orchestrator` then drives th
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dstack.store.state import ACTIVE_RUN, Job, Run, State
 
 if TYPE_CHECKING:
     from dstack.backends.base import Runner
+    from dstack.plans import Plan
     from dstack.store.objects import ObjectStore
 
 
@@ -49,8 +51,27 @@ class CreatedRun:
 
 def create_run(state: State, req: RunRequest) -> CreatedRun:
     """Resolve the graph, snapshot the repo, and record the run with its jobs (reused ones done already)."""
+    from dstack.plans import fingerprint, recall_plan, remember_plan
+
+    if req.host and req.host != "local":
+        if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
+            raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
+    fp = None if req.reproduce or req.from_commit else fingerprint(state, req)
+    plan = recall_plan(state, fp) if fp is not None else None
+    if plan is not None:  # the same inputs as a run before: its plan, without reading them again
+        return _record_run(state, req, plan, None)
+    plan, effective, reproduce_of = _work_out_plan(state, req)
+    created = _record_run(state, effective, plan, reproduce_of)
+    if fp is not None:
+        remember_plan(state, req, fp, plan)
+    return created
+
+
+def _work_out_plan(state: State, req: RunRequest) -> tuple[Plan, RunRequest, str | None]:
+    """Read `.dstack/`, snapshot the repo, resolve the graph and compute each job's key; with the
+    request as run (a reproduction's is the past run's) and the run it reproduces."""
     from dstack.graph import Node, compute_keys, resolve_graph
-    from dstack.names import run_name, safe_id
+    from dstack.plans import plan_from_nodes
     from dstack.store import open_object_store
 
     reproduce_of = None
@@ -80,9 +101,6 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
             project, repo = _commit_project(project.root, store, req.from_commit)
         else:
             repo = _snapshot(project.root, store)
-    if req.host and req.host != "local":
-        if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
-            raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
     code_digest = repo.files.digest()
     code_name = f"code/{code_digest}"
     if not store.has_manifest(code_name):  # named by its content: there already means the same
@@ -97,6 +115,19 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
             if node.key not in by_key:  # upstream jobs a sweep's combinations share run once
                 by_key[node.key] = node
                 nodes.append(node)
+    if req.real_time_artifacts:
+        for node in nodes:
+            for artifact in node.spec.artifacts:
+                artifact.real_time = True
+    plan = plan_from_nodes(project, repo, code_name, nodes)
+    if req.from_commit:  # the project was read from the commit's tree: the run belongs to the real root
+        plan.project_root = str(repo.project_root)
+    return plan, req, reproduce_of
+
+
+def _record_run(state: State, req: RunRequest, plan: Plan, reproduce_of: str | None) -> CreatedRun:
+    """Record the planned run and its jobs; a job whose key already succeeded is reused, done at once."""
+    from dstack.names import run_name, safe_id
 
     name = run_name(_TakenNames(state))
     now = time.time()
@@ -105,15 +136,15 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
         name=name,
         workflow=req.workflow,
         status="pending",
-        project_root=str(repo.project_root if req.from_commit else project.root),
-        repo_root=str(repo.repo_root),
-        working_subdir=repo.working_subdir,
-        remote_url=repo.remote_url,
-        branch=repo.branch,
-        commit_sha=repo.commit,
-        diff=repo.diff,
-        untracked=repo.untracked,
-        code_manifest=code_name,
+        project_root=plan.project_root,
+        repo_root=plan.repo_root,
+        working_subdir=plan.working_subdir,
+        remote_url=plan.remote_url,
+        branch=plan.branch,
+        commit_sha=plan.commit,
+        diff=plan.diff,
+        untracked=list(plan.untracked),
+        code_manifest=plan.code_manifest,
         variables=dict(req.overrides),
         args=req.args,
         sweep=name if req.grid and len(req.grid) > 1 else None,
@@ -132,28 +163,24 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     ids: dict[str, str] = {}
     status_of: dict[str, str] = {}
     notices: list[str] = []
-    for i, node in enumerate(nodes):
-        job_id = f"{safe_id(f'{name}-{node.workflow}')}-{uuid.uuid4().hex[:6]}"
-        ids[node.key] = job_id
-        spec = node.spec
-        if req.real_time_artifacts:
-            for artifact in spec.artifacts:
-                artifact.real_time = True
-        for notice in spec.notices:
+    for i, planned in enumerate(plan.jobs):
+        job_id = f"{safe_id(f'{name}-{planned.workflow}')}-{uuid.uuid4().hex[:6]}"
+        ids[planned.key] = job_id
+        for notice in planned.notices:
             if notice not in notices:
                 notices.append(notice)
-        upstream = [ids[k] for k in node.upstream_keys] + [j.id for t in node.tag_inputs for j in t.jobs]
-        reused = None if req.force else state.reusable_job(node.key)
-        if reused is not None and any(status_of[k] != "reused" for k in node.upstream_keys):
+        upstream = [ids[k] for k in planned.upstream_keys] + list(planned.tag_jobs)
+        reused = None if req.force else state.reusable_job(planned.key)
+        if reused is not None and any(status_of[k] != "reused" for k in planned.upstream_keys):
             reused = None  # an upstream runs again, so this one must too
-        status_of[node.key] = "reused" if reused else "pending"
+        status_of[planned.key] = "reused" if reused else "pending"
         job = Job(
             id=job_id,
             run_id=run.id,
-            workflow=node.workflow,
-            status=status_of[node.key],
-            spec=_substitute_reserved(spec.model_dump(), name, job_id),
-            key=node.key,
+            workflow=planned.workflow,
+            status=status_of[planned.key],
+            spec=_substitute_reserved(copy.deepcopy(planned.spec), name, job_id),
+            key=planned.key,
             upstream=upstream,
             reused_from=(reused.reused_from or reused.id) if reused else None,
             runner=None,

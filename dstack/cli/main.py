@@ -7,23 +7,19 @@ import sys
 
 import typer
 
-from dstack.cli import artifacts as artifacts_cli
-from dstack.cli import config as config_cli
+from dstack.cli import LazyGroup, new_app
 from dstack.cli import dashboard as dashboard_cli
-from dstack.cli import hosts as hosts_cli
 from dstack.cli import metrics as metrics_cli
-from dstack.cli import new_app
 from dstack.cli import project as project_cli
 from dstack.cli import run as run_cli
 from dstack.cli import runs as runs_cli
-from dstack.cli import tags as tags_cli
-from dstack.cli import triggers as triggers_cli
 
 app = new_app(
     help="Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=LazyGroup,
 )
 DEBUG = {"on": bool(os.environ.get("DSTACK_DEBUG"))}
 
@@ -53,11 +49,14 @@ runs_cli.register(app)
 project_cli.register(app)
 metrics_cli.register(app)
 dashboard_cli.register(app)
-app.add_typer(artifacts_cli.app, name="artifacts")
-app.add_typer(tags_cli.app, name="tags")
-app.add_typer(hosts_cli.app, name="hosts")
-app.add_typer(config_cli.app, name="config")
-triggers_cli.register(app)
+# groups built only when used (see LazyGroup); `app.add_typer(...)` works too, built at every start
+LazyGroup.lazy.update(
+    artifacts="dstack.cli.artifacts:app",
+    tags="dstack.cli.tags:app",
+    hosts="dstack.cli.hosts:app",
+    config="dstack.cli.config:app",
+    triggers="dstack.cli.triggers:app",
+)
 
 
 def main() -> None:

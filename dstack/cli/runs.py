@@ -25,9 +25,9 @@ def runs(
     sweep: str = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
+    from dstack.cli import repair_runs as repair
     from dstack.cli import ui
     from dstack.store.state import open_state
-    from dstack.supervisor import repair
 
     with open_state() as state:
         repair(state)
@@ -180,9 +180,9 @@ def jobs(
     run: str = typer.Argument(None, help="Run name or prefix (default: the latest runs)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
+    from dstack.cli import repair_runs as repair
     from dstack.cli import ui
     from dstack.store.state import open_state
-    from dstack.supervisor import repair
 
     with open_state() as state:
         repair(state)
@@ -229,8 +229,8 @@ def logs(
     run: str = typer.Argument(..., help="Run name or prefix."),
     follow_: bool = typer.Option(False, "-f", "--follow", help="Follow the output until the run ends."),
 ) -> None:
+    from dstack.cli import repair_runs as repair
     from dstack.store.state import open_state
-    from dstack.supervisor import repair
 
     with open_state() as state:
         repair(state)

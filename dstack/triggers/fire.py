@@ -44,8 +44,8 @@ def start(
     skip_if_reused: bool = False,
 ) -> Fire:
     """Create the workflow's run (detached, like `dstack run W -d`) and record the fire."""
-    from dstack.supervisor import start_orchestrator
     from dstack.runs import RunRequest, create_run
+    from dstack.supervisor import start_orchestrator
 
     kind = "watch" if origin == "watch" else trigger.kind
     fire = Fire(str(project_root), trigger.workflow, kind, origin, outcome="started")
