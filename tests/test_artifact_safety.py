@@ -28,6 +28,7 @@ workflows:
     commands:
       - mkdir -p out
       - mkfifo out/pipe
+      - rmdir etcdir  # dstack made the declared folder before the job
       - ln -s /etc etcdir
       - ln -s /etc out/etc
       - ln -s ok out/rel
@@ -35,7 +36,7 @@ workflows:
       - chmod 4777 out/ok
     artifacts: [out, etcdir]
   - name: through-link
-    commands: ["ln -s /etc e"]
+    commands: ["rm -r e", "ln -s /etc e"]  # dstack made the declared path as a folder
     artifacts: [e/hostname]
 """
 

@@ -205,7 +205,7 @@ def test_a_tag_added_from_the_page_shows_on_the_tags_page(make_repo, ui: str) ->
     status, body = request(f"{base}/api/tag", json.dumps({"run": run, "name": "best"}).encode(), headers)
     assert status == 200 and json.loads(body)["tag"] == "best"
     status, body = request(f"{base}/api/tag", json.dumps({"run": run, "name": "a:b"}).encode(), headers)
-    assert status == 400 and b"invalid tag name" in body
+    assert status == 400 and b"tag name 'a:b' is not allowed" in body
     dom = browser(f"{ui}#/tags")
     assert '<span class="tag">best</span>' in dom and run in dom
     assert os.environ["DSTACK_HOME"]  # the page read the same state the CLI wrote

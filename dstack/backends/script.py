@@ -62,7 +62,12 @@ on_stop() {
 }
 trap on_stop TERM INT
 # metrics (dstack.metrics.sampler): one sampler per job appends to ./metrics until ./exit appears
-[ -f sampler.py ] && command -v python3 >/dev/null && { python3 sampler.py $$ >/dev/null 2>&1 </dev/null & }
+# (its settings are read here, before job.sh removes env.sh)
+[ -f sampler.py ] && command -v python3 >/dev/null && {
+  DSTACK_SAMPLER_SETTINGS=$(. ./env.sh >/dev/null 2>&1
+    printf '%s|%s|%s' "${CUDA_VISIBLE_DEVICES+set}" "$CUDA_VISIBLE_DEVICES" "$DSTACK_METRICS_INTERVAL") \
+    python3 sampler.py $$ >/dev/null 2>&1 </dev/null &
+}
 ( if [ -n "$cg" ]; then echo "$BASHPID" > "$cg/cgroup.procs"; fi 2>/dev/null; exec bash ./job.sh ) \
   > log 2>&1 < /dev/null &
 child=$!

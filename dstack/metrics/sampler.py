@@ -31,10 +31,12 @@ def job_settings():
         '. ./env.sh >/dev/null 2>&1; printf "%s|%s|%s" "${CUDA_VISIBLE_DEVICES+set}" '
         '"$CUDA_VISIBLE_DEVICES" "$DSTACK_METRICS_INTERVAL"'
     )
-    try:
-        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = "||"
+    out = os.environ.get("DSTACK_SAMPLER_SETTINGS")  # read by run.sh before job.sh removes env.sh
+    if out is None:
+        try:
+            out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = "||"
     isset, devices, interval = (out.split("|") + ["", "", ""])[:3]
     value = interval or os.environ.get("DSTACK_METRICS_INTERVAL") or "5"
     try:
