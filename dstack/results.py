@@ -42,9 +42,11 @@ def download_artifacts(
 ) -> list[Path]:
     """Restore the run's artifacts (or those under `path`) into `target`, every digest checked."""
     from dstack.artifacts import restore_artifacts, select_entries
+    from dstack.gc import check_not_deleted
     from dstack.store import open_object_store
     from dstack.store.objects import Manifest
 
+    check_not_deleted(run)
     store = open_object_store(state)
     manifests = []
     for job in state.jobs(run.id):

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from dstack.cli import artifacts as artifacts_cli
+from dstack.cli import cleanup as cleanup_cli
 from dstack.cli import config as config_cli
 from dstack.cli import hosts as hosts_cli
 from dstack.cli import new_app
@@ -48,6 +49,7 @@ def root(
 run_cli.register(app)
 runs_cli.register(app)
 project_cli.register(app)
+cleanup_cli.register(app)
 app.add_typer(artifacts_cli.app, name="artifacts")
 app.add_typer(tags_cli.app, name="tags")
 app.add_typer(hosts_cli.app, name="hosts")

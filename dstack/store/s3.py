@@ -15,6 +15,7 @@ from dstack.hashing import digest_file
 from dstack.store.objects import (
     Manifest,
     ObjectStore,
+    StoredItem,
     check_digest,
     check_name,
     parse_manifest,
@@ -23,6 +24,7 @@ from dstack.store.objects import (
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024  # ranged downloads, resumable chunk by chunk
 _WORKERS = 8
+DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -350,3 +352,68 @@ class S3ObjectStore(ObjectStore):
     def delete_meta(self, key: str) -> None:
         with self._errors(f"delete {key}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._meta_key(key))
+
+    # -- listing and deleting (garbage collection) ---------------------------------------------
+
+    def _list(self, base: str) -> Iterator[tuple[str, int, float]]:
+        """(key after `base`, size, LastModified as a time) of every key under `base`, 1000 a page."""
+        with self._errors(f"list {base}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(base) :], int(obj["Size"]), obj["LastModified"].timestamp()
+
+    def list_objects(self) -> Iterator[StoredItem]:
+        for name, size, mtime in self._list(self._key("objects") + "/"):
+            yield StoredItem(name, size, mtime)
+
+    def list_manifests(self) -> Iterator[StoredItem]:
+        for name, size, mtime in self._list(self._key("manifests") + "/"):
+            if name.endswith(".json"):
+                yield StoredItem(name[: -len(".json")], size, mtime)
+
+    def _delete_keys(self, keys: list[str]) -> list[str]:
+        """Delete keys with DeleteObjects, DELETE_BATCH at a time; the keys deleted."""
+        done: list[str] = []
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            with self._errors(f"delete {len(batch)} keys"):
+                reply = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            errors = reply.get("Errors") or []
+            if errors:
+                first = errors[0]
+                why = first.get("Message") or first.get("Code")
+                raise StorageError(
+                    f"{self.url}: can't delete {first.get('Key')}: {why}"
+                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                )
+            done += batch
+        return done
+
+    def delete_objects(self, digests: list[str], written_before: float) -> list[str]:
+        # S3 has no conditional delete by age: the caller's listing (LastModified) already chose these
+        keys = [self.object_key(d) for d in digests]
+        cut = len(self._key("objects")) + 1
+        return [k[cut:] for k in self._delete_keys(keys)]
+
+    def delete_manifests(self, names: list[str]) -> None:
+        self._delete_keys([self._manifest_key(n) for n in names])
+
+    def clean_tmp(self, written_before: float) -> tuple[int, int]:
+        """Abort multipart uploads of objects begun before `written_before` (interrupted saves)."""
+        count = 0
+        base = self._key("objects") + "/"
+        with self._errors("list unfinished uploads"):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for up in page.get("Uploads", []):
+                    if up["Initiated"].timestamp() < written_before:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                        )
+                        count += 1
+        return count, 0
