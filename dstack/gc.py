@@ -233,10 +233,14 @@ def collect(
         else:
             candidates[o.name] = o
     if not dry_run:
-        # runs created since the sweep began: read the manifests written meanwhile, keep what they need
+        # runs created since the sweep began: the manifests written meanwhile, and the old ones a new run
+        # names again (a code snapshot of the same files), are needed with everything they reference
         seen = {m.name for m in manifests}
+        revived = doomed_names & state.kept_manifest_names()
+        doomed = [m for m in doomed if m.name not in revived]
+        doomed_names -= revived
         late = [m.name for m in store.list_manifests() if m.name not in seen]
-        for digest in _read_references(store, late):
+        for digest in _read_references(store, [*late, *revived]):
             candidates.pop(digest, None)
         store.delete_manifests(sorted(doomed_names))
         deleted = set(store.delete_objects(sorted(candidates), written_before=cutoff))

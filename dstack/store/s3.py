@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dstack.errors import ArtifactError, NotFoundError, StorageError, UsageError
-from dstack.hashing import digest_file
+from dstack.hashing import digest_bytes, digest_file
 from dstack.store.objects import (
     Manifest,
     ObjectStore,
@@ -80,7 +80,9 @@ class S3ObjectStore(ObjectStore):
             max_pool_connections=4 * _WORKERS,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             signature_version="s3v4",
-            s3={"addressing_style": "path"} if endpoint_url else {},
+            # no SHA-256 over every body (botocore signs payloads over plain http): each part still
+            # carries a CRC32 the server checks, and every read is checked against its BLAKE3 digest
+            s3={"payload_signing_enabled": False, **({"addressing_style": "path"} if endpoint_url else {})},
         )
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
         # single PUTs are small (big files go multipart): waiting for "100 Continue" gains nothing, and
@@ -134,39 +136,61 @@ class S3ObjectStore(ObjectStore):
         return self._head(self.object_key(digest)) is not None
 
     def put_file(self, path: Path, digest: str) -> bool:
-        from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import ClientError
-
+        """One conditional PUT for a small file (no HEAD first: If-None-Match says whether it was there),
+        read once and hashed from the same bytes; a big one is hashed while it uploads, not before."""
         key = self.object_key(digest)
-        if self._head(key) is not None:
-            return False
         before = os.stat(path)
-        actual = digest_file(path)
-        if actual != digest:
-            raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
-        with self._errors(f"upload {path} to {key}"):
-            if before.st_size < MULTIPART_THRESHOLD:
-                try:
-                    # bytes, not a file object: some servers stall on an empty streamed body
-                    data = path.read_bytes()
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
-                except ClientError as e:
-                    if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
-                        return False  # someone stored it meanwhile
-                    raise
-            else:
-                config = TransferConfig(
-                    multipart_threshold=MULTIPART_THRESHOLD,
-                    multipart_chunksize=CHUNK,
-                    max_concurrency=_WORKERS,
-                )
-                self.client.upload_file(str(path), self.bucket, key, Config=config)
+        if before.st_size < MULTIPART_THRESHOLD:
+            # bytes, not a file object: some servers stall on an empty streamed body
+            data = path.read_bytes()
+            actual = digest_bytes(data)
+            if actual != digest:
+                raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
+            if not self._put_new(key, data):
+                return False
+        else:
+            if self._head(key) is not None:
+                return False
+            self._upload_big(path, key, digest)
         after = os.stat(path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             with self._errors(f"delete {key}"):
                 self.client.delete_object(Bucket=self.bucket, Key=key)
             raise ArtifactError(f"{path} changed while it was being uploaded")
         return True
+
+    def _put_new(self, key: str, data: bytes) -> bool:
+        """PUT `data` at `key` unless something is there already (then False)."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"upload {key}"):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            except ClientError as e:
+                if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False  # someone stored it before us
+                raise
+        return True
+
+    def _upload_big(self, path: Path, key: str, digest: str) -> None:
+        """Multipart upload of `path`, its digest checked by a thread alongside (the object is deleted if
+        the file turns out not to be `digest`)."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=CHUNK,
+            max_concurrency=_WORKERS,
+        )
+        with ThreadPoolExecutor(max_workers=1) as hasher:
+            checked = hasher.submit(digest_file, path)
+            with self._errors(f"upload {path} to {key}"):
+                self.client.upload_file(str(path), self.bucket, key, Config=config)
+            actual = checked.result()
+        if actual != digest:
+            with self._errors(f"delete {key}"):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
 
     def get_file(self, digest: str, dest: Path) -> None:
         key = self.object_key(digest)
