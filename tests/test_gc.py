@@ -1,4 +1,4 @@
-"""Garbage collection and usage (issue 19): the real CLI over a real local store and a real SeaweedFS."""
+"""Garbage collection, usage and many-file S3 round trips (issue 19): the real CLI, a real store, SeaweedFS."""
 
 from __future__ import annotations
 
@@ -214,3 +214,29 @@ def test_s3_gc_deletes_in_batches(s3_server, s3_url, dstack_home, monkeypatch: p
     assert calls.count("DeleteObjects") == 3  # 5 keys, 2 a request: never one request per object
     assert calls.count("DeleteObject") == 0
     assert list(store.list_objects()) == []
+
+
+def test_many_files_round_trip_through_s3_with_few_open_files(make_repo, s3_server, s3_url, tmp_path):
+    import subprocess
+    import sys
+
+    workflows = (
+        "workflows:\n  - name: many\n    commands:\n"
+        "      - for d in $(seq 0 19); do mkdir -p out/d$d; for f in $(seq 0 49); do "
+        'echo "$d/$f" > out/d$d/f$f; done; done\n'
+        "    artifacts: [out]\n"
+    )
+    repo = make_repo({".dstack/workflows.yaml": workflows})
+    configure(s3_url, s3_server, repo)
+
+    def limited(*args: str) -> None:  # at most 64 open files for the CLI and what it starts
+        proc = subprocess.run(
+            ["bash", "-c", 'ulimit -n 64 && exec "$0" -m dstack "$@"', sys.executable, *args],
+            cwd=repo, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    limited("run", "many")
+    limited("artifacts", "download", last_run(repo), "-o", str(tmp_path / "out"))
+    files = sorted((tmp_path / "out/out").rglob("f*"))
+    assert len(files) == 1000 and (tmp_path / "out/out/d7/f9").read_text() == "7/9\n"

@@ -23,6 +23,7 @@ from dstack.store.objects import (
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024  # ranged downloads, resumable chunk by chunk
+PART = 64 * 1024 * 1024  # multipart upload parts: fewer, bigger requests measured faster than 16 MiB
 _WORKERS = 8
 DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
 
@@ -80,9 +81,10 @@ class S3ObjectStore(ObjectStore):
             max_pool_connections=4 * _WORKERS,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             signature_version="s3v4",
-            # no SHA-256 over every body (botocore signs payloads over plain http): each part still
-            # carries a CRC32 the server checks, and every read is checked against its BLAKE3 digest
+            # no SHA-256 (botocore signs every body over plain http) nor CRC32 over every byte sent: the
+            # bytes are named by their BLAKE3 digest, checked on every read (TLS guards them on the way)
             s3={"payload_signing_enabled": False, **({"addressing_style": "path"} if endpoint_url else {})},
+            request_checksum_calculation="when_required",
         )
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
         # single PUTs are small (big files go multipart): waiting for "100 Continue" gains nothing, and
@@ -179,7 +181,7 @@ class S3ObjectStore(ObjectStore):
 
         config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=CHUNK,
+            multipart_chunksize=PART,
             max_concurrency=_WORKERS,
         )
         with ThreadPoolExecutor(max_workers=1) as hasher:
