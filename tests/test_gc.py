@@ -206,6 +206,8 @@ def test_s3_gc_deletes_in_batches(s3_server, s3_url, dstack_home, monkeypatch: p
     for op in ("DeleteObjects", "DeleteObject", "ListObjectsV2"):
         store.client.meta.events.register(f"before-call.s3.{op}", lambda model, **_: calls.append(model.name))
     monkeypatch.setattr(s3mod, "DELETE_BATCH", 2)
+    unfinished = store.client.create_multipart_upload(Bucket=store.bucket, Key=store.object_key("a" * 64))
+    time.sleep(1.1)  # S3 times have one-second steps: all of this is now older than the sweep
     with open_state() as state:
         dry = collect(state, store, dry_run=True, grace=0)
         assert calls.count("DeleteObjects") == 0 and dry.freed[0].count == 5
@@ -214,6 +216,9 @@ def test_s3_gc_deletes_in_batches(s3_server, s3_url, dstack_home, monkeypatch: p
     assert calls.count("DeleteObjects") == 3  # 5 keys, 2 a request: never one request per object
     assert calls.count("DeleteObject") == 0
     assert list(store.list_objects()) == []
+    assert [f.count for f in report.freed if f.what == "unfinished uploads"] == [1]
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.object_key("a" * 64))
+    assert unfinished["UploadId"] not in [u["UploadId"] for u in uploads.get("Uploads", [])]
 
 
 def test_many_files_round_trip_through_s3_with_few_open_files(make_repo, s3_server, s3_url, tmp_path):
