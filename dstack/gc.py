@@ -242,11 +242,11 @@ def collect(
         late = [m.name for m in store.list_manifests() if m.name not in seen]
         for digest in _read_references(store, [*late, *revived]):
             candidates.pop(digest, None)
+        if candidates:
+            _forget_stored(store.url)  # first, so a save starting now asks the store again
         store.delete_manifests(sorted(doomed_names))
         deleted = set(store.delete_objects(sorted(candidates), written_before=cutoff))
         candidates = {d: o for d, o in candidates.items() if d in deleted}
-        if candidates:
-            _forget_stored(store.url)
     result.freed.append(Freed("objects", len(candidates), sum(o.size for o in candidates.values())))
     result.freed.append(Freed("manifests", len(doomed), sum(m.size for m in doomed)))
     if not dry_run:
