@@ -166,3 +166,13 @@ def test_a_local_job_saving_an_unchanged_set_again_asks_the_bucket_nothing(
     second, _ = runner.collect_artifacts("job2", spec, store)
     assert second.digest() == first.digest()
     assert calls == []  # the digest cache knows every object is in the bucket
+
+
+def test_a_small_object_downloads_in_one_request(store: S3ObjectStore, tmp_path: Path) -> None:
+    for data in (b"a small object", b""):
+        d = digest_bytes(data)
+        store.put_bytes(data, d)
+        calls = _count_calls(store)
+        store.get_file(d, tmp_path / d)
+        assert (tmp_path / d).read_bytes() == data
+        assert calls == ["GetObject"]  # the ranged GET's reply says the size: no HEAD first

@@ -196,13 +196,9 @@ class S3ObjectStore(ObjectStore):
 
     def get_file(self, digest: str, dest: Path) -> None:
         key = self.object_key(digest)
-        head = self._head(key)
-        if head is None:
-            raise ArtifactError(f"object {digest} is missing from {self.url}")
-        size = int(head["ContentLength"])
         part = dest.parent / f".{dest.name[:100]}.{digest[:16]}.part"
         for attempt in (1, 2):
-            resumed = self._download(key, size, part)
+            resumed = self._download(key, part, digest)
             actual = digest_file(part)
             if actual == digest:
                 break
@@ -219,12 +215,42 @@ class S3ObjectStore(ObjectStore):
             raise StorageError(f"can't write {dest}: {e.strerror or e}") from e
         Path(f"{part}.chunks").unlink(missing_ok=True)
 
+    def _first_chunk(self, key: str, part: Path, digest: str) -> int:
+        """GET the first chunk of `key` into a new `part` (a small object: all of it, in one request, no
+        HEAD first) and return the object's size, which the reply's Content-Range gives."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"download {key}"):
+            try:
+                reply = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{CHUNK - 1}")
+            except ClientError as e:
+                if _missing(e):
+                    raise ArtifactError(f"object {digest} is missing from {self.url}") from None
+                if _status(e) == 416 or _code(e) == "InvalidRange":  # an empty object has no byte 0
+                    part.write_bytes(b"")
+                    return 0
+                raise
+            total = str(reply.get("ContentRange") or "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else int(reply["ContentLength"])
+            body = reply["Body"]
+            try:
+                with open(part, "wb") as f:
+                    for data in iter(lambda: body.read(1024 * 1024), b""):
+                        f.write(data)
+                    got = f.tell()
+                    f.truncate(size)
+            finally:
+                body.close()
+        if got != min(size, CHUNK):
+            raise StorageError(f"{self.url}: short read of {key} ({got} bytes of chunk 0)")
+        return size
+
     @staticmethod
     def _forget_part(part: Path) -> None:
         part.unlink(missing_ok=True)
         Path(f"{part}.chunks").unlink(missing_ok=True)
 
-    def _download(self, key: str, size: int, part: Path) -> bool:
+    def _download(self, key: str, part: Path, digest: str) -> bool:
         """Fetch `key` into `part` in ranged chunks, in parallel, skipping chunks a previous try finished.
 
         Returns whether anything was resumed.
@@ -232,18 +258,27 @@ class S3ObjectStore(ObjectStore):
         chunks_file = Path(f"{part}.chunks")
         done: set[int] = set()
         if part.exists() and chunks_file.exists():
+            head = self._head(key)
+            if head is None:
+                raise ArtifactError(f"object {digest} is missing from {self.url}")
+            size = int(head["ContentLength"])
             try:
                 done = set(json.loads(chunks_file.read_text()))
             except ValueError:
                 done = set()
             if part.stat().st_size != size:
                 done = set()
-        count = (size + CHUNK - 1) // CHUNK
-        todo = [i for i in range(count) if i not in done]
         resumed = bool(done)
         if not done:
-            with open(part, "wb") as f:
-                f.truncate(size)
+            try:
+                size = self._first_chunk(key, part, digest)
+            except OSError as e:
+                raise StorageError(f"can't write {part}: {e.strerror or e}") from e
+            done = {0}
+        count = (size + CHUNK - 1) // CHUNK
+        todo = [i for i in range(count) if i not in done]
+        if not todo:
+            return resumed
         fd = os.open(part, os.O_RDWR)
         try:
 
