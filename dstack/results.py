@@ -51,9 +51,11 @@ def download_artifacts(
     Symlinks that would point outside `target` are not made; `on_skip` hears about each.
     """
     from dstack.artifacts import BadObjectError, restore_artifacts, select_entries
+    from dstack.gc import check_not_deleted
     from dstack.store import open_object_store
     from dstack.store.objects import Manifest
 
+    check_not_deleted(run)
     store = open_object_store(state)
     latest: dict[str, object] = {}  # a path saved by several jobs: the later job's file wins
     owner: dict[str, str] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from s3server import S3Server
 
-from dstack.errors import StorageError, UsageError
+from dstack.errors import ArtifactError, StorageError, UsageError
 from dstack.hashing import digest_bytes
 from dstack.store import s3 as s3mod
 from dstack.store.objects import open_store
@@ -114,3 +114,65 @@ def test_unreachable_endpoint_is_a_storage_error() -> None:
         )
         with pytest.raises(StorageError, match="s3://b/x: can't read .* check the AWS credentials"):
             dead.has("0" * 64)
+
+
+def _count_calls(store: S3ObjectStore) -> list[str]:
+    calls: list[str] = []
+    store.client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    return calls
+
+
+def test_a_small_object_is_one_conditional_put_and_a_big_one_is_hashed_once(
+    store: S3ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_calls(store)
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"small" * 1000)
+    d = digest_bytes(small.read_bytes())
+    assert store.put_file(small, d) is True
+    assert store.put_file(small, d) is False  # If-None-Match answered: no HEAD first
+    assert calls == ["PutObject", "PutObject"]
+
+    hashed: list[Path] = []
+    real = s3mod.digest_file
+    monkeypatch.setattr(s3mod, "digest_file", lambda p: hashed.append(p) or real(p))
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(s3mod.MULTIPART_THRESHOLD + 10))
+    db = digest_bytes(big.read_bytes())
+    assert store.put_file(big, db) is True
+    assert hashed == [big]  # checked alongside the upload, once
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(s3mod.MULTIPART_THRESHOLD + 10))
+    with pytest.raises(ArtifactError, match="other.bin changed while it was being saved"):
+        store.put_file(other, digest_bytes(b"not its content"))
+    assert not store.has(digest_bytes(b"not its content"))
+
+
+def test_a_local_job_saving_an_unchanged_set_again_asks_the_bucket_nothing(
+    store: S3ObjectStore, tmp_path: Path
+) -> None:
+    from dstack.backends.local import LocalRunner
+    from dstack.specs import ArtifactSpec, JobSpec
+
+    runner = LocalRunner(tmp_path / "jobs")
+    spec = JobSpec(workflow="save", artifacts=[ArtifactSpec(path="out")])
+    for job in ("job1", "job2"):
+        out = runner.job_dir(job) / "work" / "out"
+        out.mkdir(parents=True)
+        for n in range(20):
+            (out / f"f{n}").write_bytes(f"file {n}".encode() * 100)
+    first, _ = runner.collect_artifacts("job1", spec, store)
+    calls = _count_calls(store)
+    second, _ = runner.collect_artifacts("job2", spec, store)
+    assert second.digest() == first.digest()
+    assert calls == []  # the digest cache knows every object is in the bucket
+
+
+def test_a_small_object_downloads_in_one_request(store: S3ObjectStore, tmp_path: Path) -> None:
+    for data in (b"a small object", b""):
+        d = digest_bytes(data)
+        store.put_bytes(data, d)
+        calls = _count_calls(store)
+        store.get_file(d, tmp_path / d)
+        assert (tmp_path / d).read_bytes() == data
+        assert calls == ["GetObject"]  # the ranged GET's reply says the size: no HEAD first

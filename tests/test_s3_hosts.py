@@ -512,3 +512,37 @@ def test_pipeline_on_hosts_with_an_s3_store(
     assert (out / "data/set.yaml").read_text() == "rows: 3\n"
     assert (out / "data/big.bin").stat().st_size == 3 * MB
     assert (out / "report.txt").read_text() == "3000000\n"
+
+
+def test_objects_over_one_put_go_up_from_the_host_in_presigned_parts(
+    state: State,
+    store: S3ObjectStore,
+    sshd_factory: SSHDFactory,
+    tmp_path: Path,
+    proxies: list[CountingProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # S3's one-PUT limit is 5 GiB: here 6 MB stands for it, with 5 MiB parts (S3's smallest)
+    monkeypatch.setattr(direct, "MAX_PUT_BYTES", 6 * MB)
+    monkeypatch.setattr(direct, "PART_BYTES", 5 * 1024 * 1024)
+    calls: list[str] = []
+    store.client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    one, proxy = runner_via_proxy(state, hashing_host(sshd_factory), "one", tmp_path / "r1", proxies)
+    ctx = make_ctx(
+        tmp_path, "job1", ["mkdir -p out && head -c 12000000 /dev/urandom > out/huge.bin && echo s > out/s"],
+        store, artifacts=["out"],
+    )  # fmt: skip
+    one.start_job(ctx)
+    wait_exit(one, "job1")
+    before = proxy.bytes
+    manifest, _ = one.collect_artifacts("job1", ctx.spec, store)
+    result = one.last_collect
+    assert result is not None and (result.objects_put, result.objects_over_ssh) == (2, 0)
+    assert result.bytes_put >= 12 * MB
+    assert proxy.bytes - before < MB  # the 12 MB went host -> bucket, not over SSH
+    assert calls.count("CreateMultipartUpload") == 1 and calls.count("CompleteMultipartUpload") == 1
+    huge = next(e for e in manifest.entries if e.path == "out/huge.bin")
+    fresh = S3ObjectStore(store.url, endpoint_url=store.endpoint_url, region="us-east-1")
+    out = tmp_path / "huge.bin"
+    fresh.get_file(huge.digest, out)  # BLAKE3 checked: the parts were put together in order
+    assert out.stat().st_size == 12_000_000

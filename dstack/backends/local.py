@@ -210,7 +210,16 @@ class LocalRunner(Runner):
         from dstack.artifacts import save_artifacts
 
         base = self.job_dir(job_id) / "work" / working_subdir / spec.working_dir
-        result = save_artifacts(base, [a.path for a in spec.artifacts], store)
+        paths = [a.path for a in spec.artifacts]
+        if not store.url.startswith("s3://"):  # a local save touches what it finds (gc's freshening)
+            result = save_artifacts(base, paths, store)
+        else:
+            from dstack.home import sub
+            from dstack.store.digests import DigestCache
+
+            with DigestCache(sub("cache") / "digests.sqlite") as cache:  # objects known in the bucket
+                result = save_artifacts(base, paths, store, cache)
+                cache.forget_under(os.path.abspath(self.job_dir(job_id)))  # the work dir goes: its digests
         if result.skipped:  # the job's log says what was not saved
             from dstack.artifacts import skip_notes
 

@@ -288,12 +288,20 @@ class SSHRunner(Runner):
         todo = direct.missing_in_bucket(s3, objects)
         big = {d for d in todo if objects[d][0] > direct.MAX_PUT_BYTES}
         result = CollectResult("s3", files=len(saved.entries), hasher=saved.hasher)
-        failed: dict[str, str] = dict.fromkeys(big, "bigger than one PUT may be")
+        failed: dict[str, str] = {}
         small = [(d, *objects[d]) for d in sorted(todo - big)]
         try:
             put = direct.put_objects(self.conn, self.root, s3, small)
+            if big and not (put.failed and not put.objects):  # multipart, each part pre-signed (issue 19)
+                multi = direct.put_big_objects(self.conn, self.root, s3, [(d, objects[d][0]) for d in big])
+                put = direct.Put(
+                    put.objects + multi.objects, put.bytes + multi.bytes, {**put.failed, **multi.failed}
+                )
+            else:
+                put.failed.update(dict.fromkeys(big, "skipped: the host could not upload"))
         except RemoteCommandError as err:
             failed.update(dict.fromkeys((d for d, _, _ in small), str(err)))
+            failed.update(dict.fromkeys(big, str(err)))
         else:
             result.objects_put, result.bytes_put = put.objects, put.bytes
             failed.update(put.failed)

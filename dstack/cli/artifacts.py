@@ -1,4 +1,4 @@
-"""`dstack artifacts list|download`."""
+"""`dstack artifacts list|download|du`."""
 
 from __future__ import annotations
 
@@ -78,3 +78,48 @@ def download(
     for what in skipped:
         ui.info(f"[yellow]Skipped[/yellow] {escape(what)}")
     ui.info(f"Downloaded {len(files)} file(s) of {run_.name} to {output}")
+
+
+@app.command("du")
+def du(
+    by: str = typer.Option("workflow", "--by", help="Group by workflow, tag or run."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """What kept runs' artifacts take, per workflow, tag or run; each distinct file counted once."""
+    from dstack.cli import ui
+    from dstack.store import open_object_store
+    from dstack.store.state import open_state
+    from dstack.usage import disk_usage
+
+    with open_state() as state:
+        usage = disk_usage(state, by, open_object_store(state))
+    if as_json:
+        ui.print_json(
+            {
+                "by": usage.by,
+                "groups": [
+                    {"name": r.name, "files": r.files, "bytes": r.bytes, "only_here_bytes": r.only_here}
+                    for r in usage.rows
+                ],
+                "unique_bytes": usage.unique_bytes,
+                "logical_bytes": usage.logical_bytes,
+                "store_objects": usage.store_objects,
+                "store_bytes": usage.store_bytes,
+            }
+        )
+        return
+    ui.table(
+        [by.capitalize(), "Files", "Size", "Only here"],
+        [[r.name, r.files, ui.size(r.bytes), ui.size(r.only_here)] for r in usage.rows],
+        title="Artifacts of kept runs",
+    )
+    ui.info(
+        f"Total {ui.size(usage.unique_bytes)} distinct ({ui.size(usage.logical_bytes)} counting every copy). "
+        f"Size counts a file shared within a {by} once; 'only here' is what no other {by} shares, "
+        f"what deleting it would free."
+    )
+    if usage.store_bytes is not None:
+        ui.info(
+            f"The store holds {usage.store_objects} object(s), {ui.size(usage.store_bytes)} "
+            "(code snapshots and unreferenced objects included; `dstack gc --dry-run` shows what is free)."
+        )

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from dstack.cli import LazyGroup, new_app
+from dstack.cli import cleanup as cleanup_cli
 from dstack.cli import dashboard as dashboard_cli
 from dstack.cli import metrics as metrics_cli
 from dstack.cli import project as project_cli
@@ -57,6 +58,7 @@ LazyGroup.lazy.update(
     config="dstack.cli.config:app",
     triggers="dstack.cli.triggers:app",
 )
+cleanup_cli.register(app)
 
 
 def main() -> None:

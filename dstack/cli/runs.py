@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("runs", help="List runs, newest first.")(runs)
+    from dstack.cli.cleanup import runs_group  # `runs delete|prune` (issue 19)
+
+    app.add_typer(runs_group(runs), name="runs")
     app.command("ps", help="List runs (same as `dstack runs`).", hidden=True)(runs)
     app.command("jobs", help="List the jobs of a run (or of the latest runs).")(jobs)
     app.command("logs", help="Show a run's output; -f follows it to its end.")(logs)
@@ -20,8 +22,9 @@ def register(app: typer.Typer) -> None:
 
 
 def runs(
+    ctx: typer.Context,
     limit: int = typer.Option(20, "-n", "--limit", help="How many runs."),
-    all_: bool = typer.Option(False, "-a", "--all", help="All runs."),
+    all_: bool = typer.Option(False, "-a", "--all", help="All runs, deleted ones too."),
     sweep: str = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -29,12 +32,14 @@ def runs(
     from dstack.cli import ui
     from dstack.store.state import open_state
 
+    if ctx.invoked_subcommand:
+        return
     with open_state() as state:
         repair(state)
         if sweep:
             _sweep_table(state, sweep, as_json)
             return
-        items = state.runs(limit=None if all_ else limit)
+        items = state.runs(limit=None if all_ else limit, include_deleted=all_)
         if as_json:
             ui.print_json(
                 [
@@ -51,6 +56,7 @@ def runs(
                         "sweep": r.sweep,
                         "created_at": r.created_at,
                         "finished_at": r.finished_at,
+                        "deleted_at": r.deleted_at,
                         "jobs": [
                             {"name": j.workflow, "id": j.id, "status": j.status} for j in state.jobs(r.id)
                         ],
@@ -68,7 +74,7 @@ def runs(
                 [
                     r.name,
                     r.workflow,
-                    ui.status(r.status),
+                    ui.status(r.status) if r.deleted_at is None else ui.status(f"{r.status}, deleted"),
                     origin_label(r.origin),
                     variables,
                     summary,
@@ -189,7 +195,7 @@ def jobs(
         if run:
             items = state.jobs(state.run(run).id)
         else:
-            items = [j for r in state.runs(limit=10) for j in state.jobs(r.id)]
+            items = [j for r in state.runs(limit=10, include_deleted=False) for j in state.jobs(r.id)]
         if as_json:
             ui.print_json(
                 [

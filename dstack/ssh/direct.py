@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("dstack.ssh.direct")
 
 URL_TTL_S = 3600
-MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT: bigger objects go over SSH (the CLI uploads multipart)
+MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT: bigger objects go multipart, part by pre-signed part
+PART_BYTES = 256 * 1024**2  # a multipart part from a host (S3: 5 MiB to 5 GiB, at most 10,000 parts)
 NO_HASHER = 3  # the host script's exit code when it has no BLAKE3 hasher
 _COMMAND_TIMEOUT = URL_TTL_S  # the URLs are dead after that anyway
 
 # Runs on the host: `python3 -c SCRIPT MODE OBJECTS_DIR`, a JSON request on stdin, a JSON answer on stdout.
 _HOST_PY = r"""
-import base64, hashlib, json, os, shutil, stat, subprocess, sys, tempfile, threading, time
+import base64, hashlib, io, json, os, shutil, stat, subprocess, sys, tempfile, threading, time
 import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -263,9 +264,22 @@ elif mode == "put":
             return digest, 0, why(e)
         except Exception as e:
             return digest, 0, why(e)
+    def part(task):
+        digest, number, offset, length, url = task
+        try:
+            with open(os.path.join(objects, digest), "rb") as f:
+                f.seek(offset)
+                body = io.BytesIO(f.read(length))
+            with request(url, "PUT", body, {"Content-Length": str(length)}) as r:
+                return digest, number, r.headers.get("ETag"), length, None
+        except Exception as e:
+            return digest, number, None, 0, why(e)
     done = list(pool.map(one, req["objects"]))
-    answer["bytes"] = sum(n for _, n, err in done if err is None)
+    parts = list(pool.map(part, req.get("parts", [])))
+    answer["bytes"] = sum(n for _, n, err in done if err is None) + sum(p[3] for p in parts)
     answer["failed"] = {d: err for d, _, err in done if err is not None}
+    answer["failed"].update({p[0]: p[4] for p in parts if p[4] is not None})
+    answer["etags"] = [[p[0], p[1], p[2]] for p in parts if p[4] is None]
 pool.shutdown()
 json.dump(answer, sys.stdout)
 """
@@ -418,6 +432,72 @@ def put_objects(
     answer = _answer(conn, "put", root, {"objects": signed})
     failed = {str(d): str(why) for d, why in dict(answer.get("failed") or {}).items()}
     return Put(objects=len(todo) - len(failed), bytes=int(answer.get("bytes") or 0), failed=failed)
+
+
+def put_big_objects(
+    conn: Connection,
+    root: str,
+    store: S3ObjectStore,
+    objects: Iterable[tuple[str, int]],
+    expires_s: int = URL_TTL_S,
+) -> Put:
+    """Have the host upload objects (digest, size) over S3's one-PUT limit as multipart uploads, each part
+    to its own pre-signed URL; this machine starts and completes them (the digest is checked on read)."""
+    todo = sorted(set(objects))
+    if not todo:
+        return Put()
+    uploads: dict[str, str] = {}
+    tasks: list[list[Any]] = []
+    with store._errors("start multipart uploads"):
+        for digest, size in todo:
+            key = store.object_key(digest)
+            upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+            uploads[digest] = upload_id
+            part = max(PART_BYTES, -(-size // 10_000))
+            for number, offset in enumerate(range(0, size, part), 1):
+                url = store.client.generate_presigned_url(
+                    "upload_part",
+                    Params={"Bucket": store.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
+                    ExpiresIn=expires_s,
+                )
+                tasks.append([digest, number, offset, min(part, size - offset), url])
+    try:
+        answer = _answer(conn, "put", root, {"objects": [], "parts": tasks})
+    except BaseException:
+        _abort(store, uploads)
+        raise
+    failed = {str(d): str(why) for d, why in dict(answer.get("failed") or {}).items()}
+    etags: dict[str, dict[int, str]] = {}
+    for digest, number, etag in answer.get("etags") or []:
+        etags.setdefault(str(digest), {})[int(number)] = str(etag)
+    done = 0
+    for digest, size in todo:
+        key = store.object_key(digest)
+        wanted = sum(1 for t in tasks if t[0] == digest)
+        got = etags.get(digest, {})
+        if digest in failed or len(got) != wanted:
+            failed.setdefault(digest, "a part did not upload")
+            _abort(store, {digest: uploads[digest]})
+            continue
+        with store._errors(f"complete the upload of {key}"):
+            store.client.complete_multipart_upload(
+                Bucket=store.bucket,
+                Key=key,
+                UploadId=uploads[digest],
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": got[n]} for n in sorted(got)]},
+            )
+        done += size
+    return Put(objects=len(todo) - len(failed), bytes=done, failed=failed)
+
+
+def _abort(store: S3ObjectStore, uploads: dict[str, str]) -> None:
+    for digest, upload_id in uploads.items():
+        try:
+            store.client.abort_multipart_upload(
+                Bucket=store.bucket, Key=store.object_key(digest), UploadId=upload_id
+            )
+        except Exception:  # best effort: gc aborts what is left after its grace period
+            log.warning("could not abort the multipart upload of %s", digest[:12])
 
 
 def _presigned_put(store: S3ObjectStore, digest: str, sha256: str, expires_s: int) -> str:

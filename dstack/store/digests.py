@@ -170,6 +170,13 @@ class DigestCache:
             self._pending_stored = [p for p in self._pending_stored if p[0] != store_url]
             self._db.execute("DELETE FROM stored WHERE store = ?", (store_url,))
 
+    def forget_under(self, prefix: str) -> None:
+        """Drop the cached digests of paths under the directory `prefix` (a job's work dir, removed next)."""
+        self.flush()
+        base = prefix.rstrip("/") + "/"
+        with self._lock:
+            self._db.execute("DELETE FROM digests WHERE path >= ? AND path < ?", (base, base + "\U0010ffff"))
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def flush(self) -> None:

@@ -8,6 +8,8 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -83,6 +85,15 @@ def safe_relpath(path: str) -> PurePosixPath:
     return PurePosixPath(*(part for part in p.parts if part != "."))
 
 
+@dataclass
+class StoredItem:
+    """An object (by digest) or a manifest (by name) as listed, with its size and last write time."""
+
+    name: str
+    size: int
+    mtime: float
+
+
 class ObjectStore(ABC):
     """Where artifacts live: immutable objects by digest, manifests by name, small mutable meta records."""
 
@@ -148,6 +159,28 @@ class ObjectStore(ABC):
     def delete_meta(self, key: str) -> None:
         """Delete a record; nothing happens if it isn't there."""
 
+    # -- listing and deleting (garbage collection) ---------------------------------------------
+
+    @abstractmethod
+    def list_objects(self) -> Iterator[StoredItem]:
+        """Every object in the store (name = digest), in pages where the store pages."""
+
+    @abstractmethod
+    def list_manifests(self) -> Iterator[StoredItem]:
+        """Every manifest in the store (name = manifest name)."""
+
+    @abstractmethod
+    def delete_objects(self, digests: list[str], written_before: float) -> list[str]:
+        """Delete objects last written before `written_before` (in batches); return those deleted."""
+
+    @abstractmethod
+    def delete_manifests(self, names: list[str]) -> None:
+        """Delete manifests (in batches); missing ones are skipped."""
+
+    def clean_tmp(self, written_before: float) -> tuple[int, int]:
+        """Remove what interrupted saves left, begun before `written_before`: (count, bytes)."""
+        return 0, 0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
@@ -190,9 +223,17 @@ class LocalObjectStore(ObjectStore):
     def has(self, digest: str) -> bool:
         return self.object_path(digest).is_file()
 
+    def put_bytes(self, data: bytes, digest: str) -> bool:
+        final = self.object_path(digest)
+        if final.is_file():
+            _freshen(final)
+            return False
+        return super().put_bytes(data, digest)
+
     def put_file(self, path: Path, digest: str) -> bool:
         final = self.object_path(digest)
         if final.is_file():
+            _freshen(final)
             return False
         tmp = self._tmp_name()
         try:
@@ -335,6 +376,68 @@ class LocalObjectStore(ObjectStore):
         fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
         os.close(fd)
         return Path(name)
+
+    def list_objects(self) -> Iterator[StoredItem]:
+        base = self.root / "objects"
+        for sub in sorted(os.listdir(base)):
+            folder = base / sub
+            if len(sub) != 2 or not folder.is_dir():
+                continue
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if is_digest(sub + entry.name) and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        yield StoredItem(sub + entry.name, st.st_size, st.st_mtime)
+
+    def list_manifests(self) -> Iterator[StoredItem]:
+        base = self.root / "manifests"
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if f.endswith(".json"):
+                    path = os.path.join(dirpath, f)
+                    st = os.stat(path)
+                    name = os.path.relpath(path, base)[: -len(".json")].replace(os.sep, "/")
+                    yield StoredItem(name, st.st_size, st.st_mtime)
+
+    def delete_objects(self, digests: list[str], written_before: float) -> list[str]:
+        deleted = []
+        for digest in digests:
+            path = self.object_path(digest)
+            try:
+                if os.stat(path).st_mtime >= written_before:
+                    continue  # written or freshened (a save found it there) since the sweep began
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StorageError(f"can't delete {path}: {e.strerror or e}") from e
+            deleted.append(digest)
+        return deleted
+
+    def delete_manifests(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self._manifest_path(name).unlink(missing_ok=True)
+            except OSError as e:
+                raise StorageError(f"can't delete manifest {name!r} in {self.root}: {e.strerror or e}") from e
+
+    def clean_tmp(self, written_before: float) -> tuple[int, int]:
+        count = size = 0
+        with os.scandir(self.root / "tmp") as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and st.st_mtime < written_before:
+                    os.unlink(entry.path)
+                    count, size = count + 1, size + st.st_size
+        return count, size
+
+
+def _freshen(path: Path) -> None:
+    """Mark an object as just used (its mtime), as git does, so a collection running now keeps it."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _clone_or_copy(src: Path, dest: Path) -> None:

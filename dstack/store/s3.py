@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from dstack.errors import ArtifactError, NotFoundError, StorageError, UsageError
-from dstack.hashing import digest_file
+from dstack.hashing import digest_bytes, digest_file
 from dstack.store.objects import (
     Manifest,
     ObjectStore,
+    StoredItem,
     check_digest,
     check_name,
     parse_manifest,
@@ -22,7 +23,9 @@ from dstack.store.objects import (
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024  # ranged downloads, resumable chunk by chunk
+PART = 64 * 1024 * 1024  # multipart upload parts: fewer, bigger requests measured faster than 16 MiB
 _WORKERS = 8
+DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -78,7 +81,10 @@ class S3ObjectStore(ObjectStore):
             max_pool_connections=4 * _WORKERS,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             signature_version="s3v4",
-            s3={"addressing_style": "path"} if endpoint_url else {},
+            # no SHA-256 (botocore signs every body over plain http) nor CRC32 over every byte sent: the
+            # bytes are named by their BLAKE3 digest, checked on every read (TLS guards them on the way)
+            s3={"payload_signing_enabled": False, **({"addressing_style": "path"} if endpoint_url else {})},
+            request_checksum_calculation="when_required",
         )
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
         # single PUTs are small (big files go multipart): waiting for "100 Continue" gains nothing, and
@@ -132,33 +138,22 @@ class S3ObjectStore(ObjectStore):
         return self._head(self.object_key(digest)) is not None
 
     def put_file(self, path: Path, digest: str) -> bool:
-        from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import ClientError
-
+        """One conditional PUT for a small file (no HEAD first: If-None-Match says whether it was there),
+        read once and hashed from the same bytes; a big one is hashed while it uploads, not before."""
         key = self.object_key(digest)
-        if self._head(key) is not None:
-            return False
         before = os.stat(path)
-        actual = digest_file(path)
-        if actual != digest:
-            raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
-        with self._errors(f"upload {path} to {key}"):
-            if before.st_size < MULTIPART_THRESHOLD:
-                try:
-                    # bytes, not a file object: some servers stall on an empty streamed body
-                    data = path.read_bytes()
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
-                except ClientError as e:
-                    if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
-                        return False  # someone stored it meanwhile
-                    raise
-            else:
-                config = TransferConfig(
-                    multipart_threshold=MULTIPART_THRESHOLD,
-                    multipart_chunksize=CHUNK,
-                    max_concurrency=_WORKERS,
-                )
-                self.client.upload_file(str(path), self.bucket, key, Config=config)
+        if before.st_size < MULTIPART_THRESHOLD:
+            # bytes, not a file object: some servers stall on an empty streamed body
+            data = path.read_bytes()
+            actual = digest_bytes(data)
+            if actual != digest:
+                raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
+            if not self._put_new(key, data):
+                return False
+        else:
+            if self._head(key) is not None:
+                return False
+            self._upload_big(path, key, digest)
         after = os.stat(path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             with self._errors(f"delete {key}"):
@@ -166,15 +161,44 @@ class S3ObjectStore(ObjectStore):
             raise ArtifactError(f"{path} changed while it was being uploaded")
         return True
 
+    def _put_new(self, key: str, data: bytes) -> bool:
+        """PUT `data` at `key` unless something is there already (then False)."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"upload {key}"):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            except ClientError as e:
+                if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False  # someone stored it before us
+                raise
+        return True
+
+    def _upload_big(self, path: Path, key: str, digest: str) -> None:
+        """Multipart upload of `path`, its digest checked by a thread alongside (the object is deleted if
+        the file turns out not to be `digest`)."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=PART,
+            max_concurrency=_WORKERS,
+        )
+        with ThreadPoolExecutor(max_workers=1) as hasher:
+            checked = hasher.submit(digest_file, path)
+            with self._errors(f"upload {path} to {key}"):
+                self.client.upload_file(str(path), self.bucket, key, Config=config)
+            actual = checked.result()
+        if actual != digest:
+            with self._errors(f"delete {key}"):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
+
     def get_file(self, digest: str, dest: Path) -> None:
         key = self.object_key(digest)
-        head = self._head(key)
-        if head is None:
-            raise ArtifactError(f"object {digest} is missing from {self.url}")
-        size = int(head["ContentLength"])
         part = dest.parent / f".{dest.name[:100]}.{digest[:16]}.part"
         for attempt in (1, 2):
-            resumed = self._download(key, size, part)
+            resumed = self._download(key, part, digest)
             actual = digest_file(part)
             if actual == digest:
                 break
@@ -191,12 +215,42 @@ class S3ObjectStore(ObjectStore):
             raise StorageError(f"can't write {dest}: {e.strerror or e}") from e
         Path(f"{part}.chunks").unlink(missing_ok=True)
 
+    def _first_chunk(self, key: str, part: Path, digest: str) -> int:
+        """GET the first chunk of `key` into a new `part` (a small object: all of it, in one request, no
+        HEAD first) and return the object's size, which the reply's Content-Range gives."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"download {key}"):
+            try:
+                reply = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{CHUNK - 1}")
+            except ClientError as e:
+                if _missing(e):
+                    raise ArtifactError(f"object {digest} is missing from {self.url}") from None
+                if _status(e) == 416 or _code(e) == "InvalidRange":  # an empty object has no byte 0
+                    part.write_bytes(b"")
+                    return 0
+                raise
+            total = str(reply.get("ContentRange") or "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else int(reply["ContentLength"])
+            body = reply["Body"]
+            try:
+                with open(part, "wb") as f:
+                    for data in iter(lambda: body.read(1024 * 1024), b""):
+                        f.write(data)
+                    got = f.tell()
+                    f.truncate(size)
+            finally:
+                body.close()
+        if got != min(size, CHUNK):
+            raise StorageError(f"{self.url}: short read of {key} ({got} bytes of chunk 0)")
+        return size
+
     @staticmethod
     def _forget_part(part: Path) -> None:
         part.unlink(missing_ok=True)
         Path(f"{part}.chunks").unlink(missing_ok=True)
 
-    def _download(self, key: str, size: int, part: Path) -> bool:
+    def _download(self, key: str, part: Path, digest: str) -> bool:
         """Fetch `key` into `part` in ranged chunks, in parallel, skipping chunks a previous try finished.
 
         Returns whether anything was resumed.
@@ -204,18 +258,27 @@ class S3ObjectStore(ObjectStore):
         chunks_file = Path(f"{part}.chunks")
         done: set[int] = set()
         if part.exists() and chunks_file.exists():
+            head = self._head(key)
+            if head is None:
+                raise ArtifactError(f"object {digest} is missing from {self.url}")
+            size = int(head["ContentLength"])
             try:
                 done = set(json.loads(chunks_file.read_text()))
             except ValueError:
                 done = set()
             if part.stat().st_size != size:
                 done = set()
-        count = (size + CHUNK - 1) // CHUNK
-        todo = [i for i in range(count) if i not in done]
         resumed = bool(done)
         if not done:
-            with open(part, "wb") as f:
-                f.truncate(size)
+            try:
+                size = self._first_chunk(key, part, digest)
+            except OSError as e:
+                raise StorageError(f"can't write {part}: {e.strerror or e}") from e
+            done = {0}
+        count = (size + CHUNK - 1) // CHUNK
+        todo = [i for i in range(count) if i not in done]
+        if not todo:
+            return resumed
         fd = os.open(part, os.O_RDWR)
         try:
 
@@ -350,3 +413,68 @@ class S3ObjectStore(ObjectStore):
     def delete_meta(self, key: str) -> None:
         with self._errors(f"delete {key}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._meta_key(key))
+
+    # -- listing and deleting (garbage collection) ---------------------------------------------
+
+    def _list(self, base: str) -> Iterator[tuple[str, int, float]]:
+        """(key after `base`, size, LastModified as a time) of every key under `base`, 1000 a page."""
+        with self._errors(f"list {base}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(base) :], int(obj["Size"]), obj["LastModified"].timestamp()
+
+    def list_objects(self) -> Iterator[StoredItem]:
+        for name, size, mtime in self._list(self._key("objects") + "/"):
+            yield StoredItem(name, size, mtime)
+
+    def list_manifests(self) -> Iterator[StoredItem]:
+        for name, size, mtime in self._list(self._key("manifests") + "/"):
+            if name.endswith(".json"):
+                yield StoredItem(name[: -len(".json")], size, mtime)
+
+    def _delete_keys(self, keys: list[str]) -> list[str]:
+        """Delete keys with DeleteObjects, DELETE_BATCH at a time; the keys deleted."""
+        done: list[str] = []
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            with self._errors(f"delete {len(batch)} keys"):
+                reply = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            errors = reply.get("Errors") or []
+            if errors:
+                first = errors[0]
+                why = first.get("Message") or first.get("Code")
+                raise StorageError(
+                    f"{self.url}: can't delete {first.get('Key')}: {why}"
+                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                )
+            done += batch
+        return done
+
+    def delete_objects(self, digests: list[str], written_before: float) -> list[str]:
+        # S3 has no conditional delete by age: the caller's listing (LastModified) already chose these
+        keys = [self.object_key(d) for d in digests]
+        cut = len(self._key("objects")) + 1
+        return [k[cut:] for k in self._delete_keys(keys)]
+
+    def delete_manifests(self, names: list[str]) -> None:
+        self._delete_keys([self._manifest_key(n) for n in names])
+
+    def clean_tmp(self, written_before: float) -> tuple[int, int]:
+        """Abort multipart uploads of objects begun before `written_before` (interrupted saves)."""
+        count = 0
+        base = self._key("objects") + "/"
+        with self._errors("list unfinished uploads"):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for up in page.get("Uploads", []):
+                    if up["Initiated"].timestamp() < written_before:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                        )
+                        count += 1
+        return count, 0

@@ -73,6 +73,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE jobs ADD COLUMN joins TEXT;
     """,
+    # storage (issue 19): a deleted run keeps its row (lineage names it) but no longer keeps artifacts
+    """
+    ALTER TABLE runs ADD COLUMN deleted_at REAL
+    """,
 ]
 
 ACTIVE_JOB = ("pending", "waiting", "starting", "running")
@@ -111,6 +115,7 @@ class Run:
     heartbeat_at: float | None = None  # the orchestrator's last loop
     orchestrator_restarts: int = 0
     orchestrator_restarted_at: float | None = None
+    deleted_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Run:
@@ -295,8 +300,11 @@ class State:
         workflow: str | None = None,
         sweep: str | None = None,
         active_only: bool = False,
+        include_deleted: bool = True,
     ) -> list[Run]:
         sql, params = "SELECT * FROM runs WHERE 1=1", []  # type: tuple[str, list[Any]]
+        if not include_deleted:
+            sql += " AND deleted_at IS NULL"
         if workflow:
             sql += " AND workflow = ?"
             params.append(workflow)
@@ -386,7 +394,7 @@ class State:
         """The latest successful job with this key (a reused job points at the original)."""
         row = self.db.execute(
             "SELECT jobs.*, runs.name AS run_name FROM jobs JOIN runs ON runs.id = jobs.run_id "
-            "WHERE key = ? AND jobs.status = 'done' AND manifest IS NOT NULL "
+            "WHERE key = ? AND jobs.status = 'done' AND manifest IS NOT NULL AND runs.deleted_at IS NULL "
             "ORDER BY finished_at DESC LIMIT 1",
             (key,),
         ).fetchone()
@@ -457,6 +465,67 @@ class State:
     def delete_tag(self, name: str) -> None:
         if self.db.execute("DELETE FROM tags WHERE name = ?", (name,)).rowcount == 0:
             raise NotFoundError(f"no tag named '{name}' — see `dstack tags list`")
+
+    # -- deleting runs and what the kept ones reference (issue 19) ---------------------------------
+    def mark_runs_deleted(self, run_ids: list[str]) -> None:
+        """Mark runs deleted (their rows stay for lineage) and drop their tags, in one transaction."""
+        now = time.time()
+        with self.transaction() as db:
+            for run_id in run_ids:
+                db.execute("DELETE FROM tags WHERE run_id = ?", (run_id,))
+                db.execute(
+                    "UPDATE runs SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL", (now, run_id)
+                )
+
+    def runs_older_than(self, before: float, workflow: str | None = None) -> list[Run]:
+        """Kept runs created before `before` (a time), oldest first."""
+        sql = "SELECT * FROM runs WHERE deleted_at IS NULL AND created_at < ?"
+        params: list[Any] = [before]
+        if workflow:
+            sql += " AND workflow = ?"
+            params.append(workflow)
+        return [Run.from_row(r) for r in self.db.execute(sql + " ORDER BY created_at", params)]
+
+    def run_tag_names(self, run_id: str) -> list[str]:
+        return [
+            r[0] for r in self.db.execute("SELECT name FROM tags WHERE run_id = ? ORDER BY name", (run_id,))
+        ]
+
+    def kept_manifest_names(self) -> set[str]:
+        """Manifests a kept run (or a tag) needs: its code snapshot and its jobs' (reused ones' too)."""
+        rows = self.db.execute(
+            "SELECT jobs.manifest FROM jobs JOIN runs ON runs.id = jobs.run_id "
+            "WHERE jobs.manifest IS NOT NULL AND (runs.deleted_at IS NULL "
+            "OR runs.id IN (SELECT run_id FROM tags)) "
+            "UNION SELECT code_manifest FROM runs WHERE code_manifest IS NOT NULL AND deleted_at IS NULL"
+        )
+        return {r[0] for r in rows}
+
+    def deleted_job_ids(self) -> set[str]:
+        """Ids of the jobs of deleted runs (their manifests are `jobs/<id>/…`)."""
+        rows = self.db.execute(
+            "SELECT jobs.id FROM jobs JOIN runs ON runs.id = jobs.run_id WHERE runs.deleted_at IS NOT NULL"
+        )
+        return {r[0] for r in rows}
+
+    def job_dir_owners(self) -> dict[str, tuple[str, float | None, bool]]:
+        """Job id -> (status, finished_at, whether its run is deleted), for every job."""
+        rows = self.db.execute(
+            "SELECT jobs.id, jobs.status, jobs.finished_at, runs.deleted_at IS NOT NULL "
+            "FROM jobs JOIN runs ON runs.id = jobs.run_id"
+        )
+        return {r[0]: (r[1], r[2], bool(r[3])) for r in rows}
+
+    def usage_rows(self) -> list[tuple[str, str, str, str, int]]:
+        """(run name, workflow, tags comma-separated, digest, size) of every kept run's artifact file."""
+        rows = self.db.execute(
+            "SELECT runs.name, jobs.workflow, "
+            "(SELECT group_concat(name, ',') FROM tags WHERE tags.run_id = runs.id), a.digest, a.size "
+            "FROM jobs JOIN runs ON runs.id = jobs.run_id "
+            "JOIN artifacts a ON a.job_id = COALESCE(jobs.reused_from, jobs.id) "
+            "WHERE runs.deleted_at IS NULL ORDER BY runs.created_at"
+        )
+        return [(r[0], r[1], r[2] or "", r[3], int(r[4])) for r in rows]
 
     # -- settings -----------------------------------------------------------------------------------
     def setting(self, key: str) -> str | None:
