@@ -100,7 +100,6 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
     workdir = "/".join(p.strip("/") if i else p for i, p in enumerate(parts) if p not in ("", "."))
     argv = [
         "run",
-        "--rm",
         "--name",
         container_name(ctx.job_id),
         "--label",
@@ -181,7 +180,18 @@ def render_container_job(ctx: JobContext, job_dir: str, env_keys: list[str]) -> 
                 "  fi",
                 "fi",
                 f'echo {q(container_name(ctx.job_id))} > "$DSTACK_JOB_DIR/{CONTAINER_FILE}"',
-                f'exec "$docker" {run}',
+                # not `--rm` and not `exec`: an OOM kill is read from the container before it is removed
+                "set +e",
+                f'"$docker" {run}',
+                "code=$?",
+                f"name={q(container_name(ctx.job_id))}",
+                'if [ "$code" = 137 ] && [ "$("$docker" inspect -f "{{.State.OOMKilled}}" "$name" 2>/dev/null)"'
+                ' = true ]; then',
+                '  echo "dstack: the container ran out of memory (OOMKilled)" >&2',
+                '  printf \'{"t": %s, "oomkilled": true}\\n\' "$(date +%s)" >> "$DSTACK_JOB_DIR/metrics"',
+                "fi",
+                '"$docker" rm -f "$name" >/dev/null 2>&1',
+                'exit "$code"',
             ]
         )
         + "\n"

@@ -160,6 +160,10 @@ def ingest(job_id: str, data: bytes) -> int:
     samples, used = parse_lines(data)
     if not used:
         return 0
+    for marker in [s for s in samples if s.get("oomkilled")]:  # written by a container job on OOMKilled
+        totals.oom_first = totals.oom_first or 0
+        totals.oom_last = max(totals.oom_last or 0, totals.oom_first) + 1
+        samples.remove(marker)
     points = [flatten(s) for s in samples]
     for sample, point in zip(samples, points, strict=True):
         if not totals.samples:
