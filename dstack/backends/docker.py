@@ -107,8 +107,7 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
         f"dstack.job={ctx.job_id}",
         "--label",
         f"dstack.run={ctx.run_name}",
-        "--network",
-        "host",
+        *_network(ctx.ports),
         "-v",
         f"{job_dir}/work:{CONTAINER_ROOT}",
         "-w",
@@ -144,6 +143,17 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
         argv += ["--entrypoint", spec.entrypoint[0], spec.image, *spec.entrypoint[1:]]
     else:
         argv.append(spec.image)  # the image's own command
+    return argv
+
+
+def _network(ports: list[int]) -> list[str]:
+    """The host's network, or with ports its own one, each port published on the host's 127.0.0.1 only
+    (servers inside listen on `$DSTACK_BIND`, 0.0.0.0 there: the container's interfaces, not the host's)."""
+    if not ports:
+        return ["--network", "host"]
+    argv = ["-e", "DSTACK_BIND=0.0.0.0"]
+    for port in ports:
+        argv += ["-p", f"127.0.0.1:{port}:{port}"]
     return argv
 
 

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from dstack.cli import artifacts as artifacts_cli
+from dstack.cli import attach as attach_cli
 from dstack.cli import config as config_cli
 from dstack.cli import hosts as hosts_cli
 from dstack.cli import new_app
@@ -54,6 +55,7 @@ app.add_typer(tags_cli.app, name="tags")
 app.add_typer(hosts_cli.app, name="hosts")
 app.add_typer(config_cli.app, name="config")
 triggers_cli.register(app)
+attach_cli.register(app)
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def run(
                 f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`."
             )
             return
-        from dstack.cli.runs import follow
+        from dstack.cli.attach import follow_attached as follow
 
         try:
             follow(state, run_.id)
