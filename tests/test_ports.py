@@ -21,7 +21,7 @@ from helpers import dstack
 from sshd import SSHDFactory, SSHServer
 
 SERVE = 'python3 -m http.server --bind "${DSTACK_BIND:-127.0.0.1}" "$PORT_0"'
-URL = re.compile(r"http://localhost:(\d+)(\S*)")
+URL = re.compile(r"^web: (http://localhost:(\d+))(\S*)")  # the CLI's line, not the job's
 
 
 class Cli:
@@ -128,17 +128,17 @@ def test_local_port_url_attach_after_kill(make_repo) -> None:
     cli = Cli("run", "web", cwd=repo)
     try:
         m = cli.wait_for(URL)
-        assert get(m.group(0) + "/index.html") == (200, "hello\n")
+        assert get(m.group(1) + "/index.html") == (200, "hello\n")
         run = last_run(repo)["name"]
         port = job_row(repo, run)["reserved"]["ports"][0]
-        assert int(m.group(1)) == port  # no forward: the job's own port
+        assert int(m.group(2)) == port  # no forward: the job's own port
     finally:
         cli.kill()
     assert job_row(repo, run)["status"] == "running"  # killing the CLI never stops the job
     again = Cli("attach", run, cwd=repo)
     try:
         m2 = again.wait_for(URL)
-        assert get(m2.group(0) + "/index.html")[0] == 200
+        assert get(m2.group(1) + "/index.html")[0] == 200
         assert again.interrupt() == 130  # Ctrl-C detaches
     finally:
         again.kill()
@@ -190,7 +190,7 @@ def test_container_port_is_published_on_loopback_only(make_repo, python_image: s
     cli = Cli("run", "web", cwd=repo)
     try:
         m = cli.wait_for(URL, timeout=60)
-        assert get(m.group(0) + "/")[0] == 200
+        assert get(m.group(1) + "/")[0] == 200
         run = last_run(repo)
         name = "dstack-" + run["jobs"][0]["id"]
         ports = json.loads(
@@ -237,11 +237,11 @@ def test_forward_through_ssh_to_a_host_in_its_own_namespace(netns_host) -> None:
     cli = Cli("run", "web", "--host", "box", cwd=repo)
     try:
         m = cli.wait_for(URL, timeout=60)
-        url = m.group(0)
+        url = m.group(1)
         assert get(url + "/index.html") == (200, "hello\n")
         run = last_run(repo)["name"]
         row = job_row(repo, run)
-        assert row["runner"] == "box" and row["reserved"]["ports"] == [int(m.group(1))]
+        assert row["runner"] == "box" and row["reserved"]["ports"] == [int(m.group(2))]
 
         for pid in _session_pids(server):  # every SSH connection to the host drops
             os.kill(pid, signal.SIGTERM)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dstack.ssh.forward")
 OPEN_TIMEOUT = 10.0
 _BUF = 1 << 16
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
 def listen_local(port: int) -> socket.socket:
@@ -44,7 +45,9 @@ class Forward:
         self.target = target
         self.name = name
         self.remote_port = remote_port
-        self._sock = listen_local(remote_port)
+        # a host reached at this machine's loopback shares its ports: taking the job's own one would loop
+        same_machine = target.hostname in LOOPBACK_NAMES and not target.proxy_jump
+        self._sock = listen_local(0 if same_machine else remote_port)
         self.local_port: int = self._sock.getsockname()[1]
         self.last_activity = time.monotonic()
         self.active = 0  # connections open through the forward now
