@@ -8,6 +8,7 @@ first run installs JupyterLab (PyPI must answer; skipped where it does not), lat
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -103,3 +104,26 @@ def test_lab_through_the_forward_with_its_token(
     finally:
         cli.kill()
     dstack("stop", run, cwd=repo)
+
+
+def test_code_says_how_to_preinstall_where_it_cannot_fetch(make_repo, tmp_path: Path) -> None:
+    """No openvscode-server here and github.com does not answer (no DNS for it in this sandbox, or a
+    stub that fails): one line saying where to put it."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("curl", "wget"):  # whatever the network does here, the download fails
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 6\n")
+        (bin_dir / tool).chmod(0o755)
+    repo = make_repo({".dstack/workflows.yaml": "workflows:\n  - name: ide\n    provider: code\n"})
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    res = dstack("run", "ide", cwd=repo, check=False, env=env, timeout=60)
+    assert res.code != 0
+    job = json.loads(dstack("runs", "--json", cwd=repo).out)[0]
+    assert "cannot fetch openvscode-server on" in job["reason"] and "put it on PATH there" in job["reason"]
+    log = dstack("logs", job["name"], cwd=repo).out
+    assert (
+        "or unpack openvscode-server-v1.95.3-linux-x64.tar.gz (its GitHub release) into ~/.dstack/tools/"
+        in log
+    )

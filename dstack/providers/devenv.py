@@ -118,11 +118,11 @@ class CodeProvider(_Server):
             f'ovs="{tools}/{release}/bin/openvscode-server"',
             "if command -v openvscode-server >/dev/null; then ovs=$(command -v openvscode-server); fi",
             'if [ ! -x "$ovs" ] && ! command -v code-server >/dev/null; then'
-            f' mkdir -p "{tools}" && {{ curl -fsSL --max-time 300 "{url}" 2>/dev/null ||'
-            f' wget -q -T 60 -O - "{url}" 2>/dev/null; }} | tar -xz -C "{tools}" 2>/dev/null ||'
-            f' {{ echo "dstack: cannot fetch openvscode-server on $(hostname): download {url}'
-            f" and unpack it into {tools}/ there (or put openvscode-server or code-server on PATH,"
-            ' or use image: gitpod/openvscode-server)" >&2; exit 127; }; fi',
+            f' mkdir -p "{tools}" && {{ curl -fsSL --connect-timeout 10 --max-time 300 "{url}" 2>/dev/null ||'
+            f' wget -q -T 20 -O - "{url}" 2>/dev/null; }} | tar -xz -C "{tools}" 2>/dev/null ||'
+            ' { echo "dstack: cannot fetch openvscode-server on $(hostname): put it on PATH there, or unpack'
+            f' {release}.tar.gz (its GitHub release) into ${{DSTACK_TOOLS:-~/.dstack/tools}}/" >&2;'
+            " exit 127; }; fi",
             'if [ -x "$ovs" ]; then'
             ' tkn="${DSTACK_JOB_DIR:-/tmp}/vscode-token"; umask 077; printf %s "$DSTACK_TOKEN" > "$tkn";'
             f" {url_line('VS Code', port, '/?tkn=$DSTACK_TOKEN')};"
