@@ -18,7 +18,7 @@ from dstack.ports import job_ports
 if TYPE_CHECKING:
     from dstack.store.state import Job, State
 
-REFRESH_S = 0.3
+REFRESH_S = 0.1
 
 
 class PortEnd(Protocol):
