@@ -65,9 +65,11 @@ def open_port_ends(state: State, job: Job) -> list[PortEnd]:
     if (job.runner or "local") == "local":
         return [LocalPort(p) for p in ports]
     from dstack.hosts import get, target_of
+    from dstack.ssh.connection import get_connection
     from dstack.ssh.forward import Forward
 
     target = target_of(get(state.db, job.runner or "local"))
+    get_connection(target, name=job.runner)  # connect now, not on the first request
     ends: list[PortEnd] = []
     try:
         for port in ports:
@@ -138,11 +140,12 @@ class PortWatcher:
     def refresh(self, state: State) -> None:
         """One pass: open, close and check the ports of the run's jobs."""
         jobs = state.jobs(self.run_id)
-        for job in jobs:
-            if job.status != "running" and job.id in self.ends:
+        for job in jobs:  # from `starting` on: the SSH handshake overlaps the job's own start
+            live = job.status in ("starting", "running")
+            if not live and job.id in self.ends:
                 for end in self.ends.pop(job.id):
                     end.close()
-            if job.status != "running" or not job_ports(job.reserved):
+            if not live or not job_ports(job.reserved):
                 continue
             if job.id not in self.ends:
                 try:
