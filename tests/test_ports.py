@@ -175,6 +175,7 @@ def test_inactivity_stops_an_idle_job(make_repo) -> None:
     while last_run(repo)["status"] in ("running", "pending") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "stopped after 3s without connections" in (last_run(repo)["reason"] or "")
+    assert "stopped after 3s without connections" in dstack("jobs", run, cwd=repo).out
 
 
 def test_inactivity_must_be_a_duration(make_repo) -> None:
