@@ -204,9 +204,32 @@ def test_container_port_is_published_on_loopback_only(make_repo, python_image: s
             ).stdout
         )
         assert [b["HostIp"] for v in ports.values() for b in v] == ["127.0.0.1"]
+        assert (
+            dstack("ssh", run["name"], "--", "pwd", cwd=repo).out.strip() == "/workflow"
+        )  # in the container
     finally:
         cli.kill()
     dstack("stop", run["name"], cwd=repo)
+
+
+def test_container_port_on_an_ssh_host(
+    sshd_factory: SSHDFactory, make_repo, python_image: str, ssh_pool
+) -> None:
+    """A loopback sshd host shares this machine's ports, so the forward takes another local port: a URL
+    whose port is not the container's proves the request went over SSH to the host's published port."""
+    server = sshd_factory.loopback()
+    body = f"  - name: web\n    image: {python_image}\n    ports: 1\n    commands:\n      - {SERVE}\n"
+    repo = repo_with(make_repo, body)
+    add_host(server, repo, "dock")
+    cli = Cli("run", "web", "--host", "dock", cwd=repo)
+    try:
+        m = cli.wait_for(URL, timeout=60)
+        run = last_run(repo)["name"]
+        assert int(m.group(2)) != job_row(repo, run)["reserved"]["ports"][0]
+        assert get(m.group(1) + "/")[0] == 200
+    finally:
+        cli.kill()
+    dstack("stop", run, cwd=repo)
 
 
 @pytest.fixture

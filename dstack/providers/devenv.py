@@ -49,7 +49,8 @@ def cached_venv(name: str, packages: list[str]) -> list[str]:
         'mkdir -p "$(dirname "$venv")"',
         '( flock 9 2>/dev/null || :; if [ ! -e "$venv/.ready" ]; then rm -rf "$venv";'
         f' echo "dstack: installing {name} from PyPI (cached for next runs)" >&2;'
-        ' "$py" -m venv --system-site-packages "$venv" &&'
+        ' { "$py" -m venv --system-site-packages "$venv" || { echo "dstack: $py cannot make a venv on'
+        ' $(hostname): install python3-venv there" >&2; exit 1; }; } &&'
         f' "$venv/bin/python" -m pip install -q --disable-pip-version-check {pkgs} &&'
         ' touch "$venv/.ready"; fi ) 9>"$venv.lock"',
         'export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"',
