@@ -302,3 +302,47 @@ def test_ssh_on_the_local_runner(make_repo) -> None:
     dstack("stop", run, cwd=repo)
     res = dstack("ssh", run, cwd=repo, check=False)
     assert res.code == 4 and f"run {run} has no running job" in res.err
+
+
+def test_tcp_table_sees_listeners_and_connections() -> None:
+    import socket
+
+    from dstack.ports import established, parse_tcp_table, read_local_tcp_table
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert (port, "0A") in parse_tcp_table(read_local_tcp_table())
+        assert established(read_local_tcp_table(), [port]) == 0
+        with socket.create_connection(("127.0.0.1", port)):
+            peer, _ = srv.accept()
+            with peer:
+                assert established(read_local_tcp_table(), [port]) == 1  # the server's end, not the client's
+
+
+def test_forward_listens_on_loopback_only(sshd: SSHServer, ssh_pool) -> None:
+    import socket
+
+    from dstack.ssh.config import SSHTarget
+    from dstack.ssh.connection import get_connection
+    from dstack.ssh.forward import Forward
+
+    target = SSHTarget(sshd.host, sshd.host, sshd.port, sshd.user, (str(sshd.key),))
+    get_connection(target, accept=lambda fp: True)
+    with socket.socket() as srv:  # a server on the host's 127.0.0.1 (this machine: a loopback sshd)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        fwd = Forward(target, srv.getsockname()[1])
+        try:
+            assert fwd.local_port != srv.getsockname()[1]  # the same machine: another port, never a loop
+            assert fwd._sock.getsockname()[0] == "127.0.0.1"
+            with socket.create_connection(("127.0.0.1", fwd.local_port), timeout=10) as c:
+                peer, _ = srv.accept()
+                with peer:
+                    c.sendall(b"ping")
+                    assert peer.recv(4) == b"ping"
+                    peer.sendall(b"pong")
+                    assert c.recv(4) == b"pong"
+        finally:
+            fwd.close()
