@@ -25,6 +25,7 @@ class PortEnd(Protocol):
     """One port of a job as reached from here."""
 
     remote_port: int
+    refused: str | None  # why the host will never forward it (None: it may)
 
     @property
     def local_port(self) -> int: ...
@@ -37,6 +38,7 @@ class LocalPort:
     """A port of a job on this machine: nothing to forward."""
 
     remote_port: int
+    refused: str | None = None
 
     @property
     def local_port(self) -> int:
@@ -55,6 +57,7 @@ class PortEvent:
     remote_port: int
     local_port: int
     url: str | None = None
+    error: str | None = None  # the port can't be reached from here: why
 
 
 def open_port_ends(state: State, job: Job) -> list[PortEnd]:
@@ -153,10 +156,17 @@ class PortWatcher:
                 except (DstackError, OSError) as e:
                     self.errors.append(f"{job.workflow}: {e}")
                     self.ends[job.id] = []
+                    self.on_event(PortEvent(job.workflow, job.id, 0, 0, error=f"cannot open its ports: {e}"))
                     continue
                 for end in self.ends[job.id]:
                     self.on_event(PortEvent(job.workflow, job.id, end.remote_port, end.local_port))
             for end in self.ends[job.id]:
+                refused = end.refused
+                if refused and refused not in self.errors:
+                    self.errors.append(refused)
+                    self.on_event(
+                        PortEvent(job.workflow, job.id, end.remote_port, end.local_port, error=refused)
+                    )
                 key = (job.id, end.remote_port)
                 if key in self._announced or not answers(end.local_port, timeout=1.0):
                     continue

@@ -64,9 +64,9 @@ def choose_ports(state: State, runner: Runner, job_id: str, spec: JobSpec) -> li
     record them in the job's reservation; RunError if a fixed port is taken on the host."""
     if not spec.ports.count and not spec.ports.fixed:
         return []
-    table = runner.tcp_table()
-    in_use = {port for port, _ in parse_tcp_table(table)}
-    taken = [p for p in spec.ports.fixed if p in in_use]
+    rows = parse_tcp_table(runner.tcp_table())
+    in_use = {port for port, _ in rows}  # any state: a port in TIME_WAIT is not handed out either
+    taken = [p for p in spec.ports.fixed if (p, _LISTEN) in rows]
     if taken:
         raise RunError(
             f"port {taken[0]} is already in use on {runner.name}",

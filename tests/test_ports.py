@@ -346,3 +346,20 @@ def test_forward_listens_on_loopback_only(sshd: SSHServer, ssh_pool) -> None:
                     assert c.recv(4) == b"pong"
         finally:
             fwd.close()
+
+
+def test_a_host_that_refuses_forwarding_is_named(sshd_factory: SSHDFactory, make_repo, ssh_pool) -> None:
+    server = sshd_factory.loopback()
+    config = server.dir / "sshd_config"
+    config.write_text(config.read_text().replace("AllowTcpForwarding yes", "AllowTcpForwarding no"))
+    server.stop()
+    server.start()
+    repo = repo_with(make_repo, WEB)
+    add_host(server, repo, "strict")
+    cli = Cli("run", "web", "--host", "strict", cwd=repo)
+    try:
+        cli.wait_for(r"^web: sshd on strict refuses port forwarding: set `AllowTcpForwarding yes` there$")
+        run = last_run(repo)["name"]
+    finally:
+        cli.kill()
+    dstack("stop", run, cwd=repo)

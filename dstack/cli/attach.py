@@ -57,6 +57,9 @@ def ports_open(run_id: str) -> Iterator[None]:
 
     def on_event(event: PortEvent) -> None:
         with lock:
+            if event.error:
+                ui.info(f"[yellow]{escape(event.workflow)}: {escape(event.error)}[/yellow]")
+                return
             if event.url is None:
                 if "status" not in spinner:
                     spinner["status"] = ui.err_console().status(

@@ -52,6 +52,7 @@ class Forward:
         self.last_activity = time.monotonic()
         self.active = 0  # connections open through the forward now
         self.errors: list[str] = []  # why connections could not be opened (latest last)
+        self.refused: str | None = None  # the host's sshd will never forward: why
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, paramiko.Channel]] = []
@@ -74,7 +75,13 @@ class Forward:
                 return conn.transport.open_channel(
                     "direct-tcpip", ("127.0.0.1", self.remote_port), peer, timeout=OPEN_TIMEOUT
                 )
-            except paramiko.ChannelException as exc:  # the host refused: nothing listens there
+            except (
+                paramiko.ChannelException
+            ) as exc:  # the host refused: nothing listens there, or no forwards
+                if exc.code == 1:  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+                    self.refused = (
+                        f"sshd on {conn.name} refuses port forwarding: set `AllowTcpForwarding yes` there"
+                    )
                 raise HostError(
                     f"{conn.name}: nothing answers at 127.0.0.1:{self.remote_port}: {exc}"
                 ) from exc
