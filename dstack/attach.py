@@ -60,6 +60,17 @@ class PortEvent:
     error: str | None = None  # the port can't be reached from here: why
 
 
+def asks_for_ports(jobs: list[Job]) -> bool:
+    """Whether one of the jobs will have ports."""
+    from dstack.specs import JobSpec
+
+    for job in jobs:
+        ports = JobSpec.model_validate(job.spec).ports
+        if job.status != "reused" and (ports.count or ports.fixed):
+            return True
+    return False
+
+
 def open_port_ends(state: State, job: Job) -> list[PortEnd]:
     """Forwards to the job's ports (none needed on this machine); only the job's own ports."""
     ports = job_ports(job.reserved)

@@ -167,8 +167,9 @@ def test_fixed_port_is_never_given_to_two_jobs(make_repo) -> None:
 
 def test_inactivity_stops_an_idle_job(make_repo) -> None:
     repo = repo_with(make_repo, WEB.replace("    ports: 1\n", "    ports: 1\n    inactivity: 3s\n"))
-    dstack("run", "web", "-d", cwd=repo)
+    res = dstack("run", "web", "-d", cwd=repo)
     run = last_run(repo)["name"]
+    assert f"`dstack attach {run}` opens its ports on localhost." in res.err
     row = wait_status(repo, run, ("stopped",), timeout=30)
     assert row["reason"] == "stopped after 3s without connections"
     deadline = time.monotonic() + 10

@@ -97,6 +97,10 @@ def run(
             ui.info(
                 f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`."
             )
+            from dstack.attach import asks_for_ports
+
+            if asks_for_ports(created.jobs):
+                ui.info(f"`dstack attach {run_.name}` opens its ports on localhost.")
             return
         from dstack.cli.attach import follow_attached as follow
 
