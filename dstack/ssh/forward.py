@@ -106,7 +106,7 @@ class Forward:
         try:
             chan = self._channel(peer)
         except HostError as exc:
-            self.errors.append(str(exc))
+            self.errors = [*self.errors[-9:], str(exc)]  # the last ten
             log.info("%s", exc)
             client.close()
             return
