@@ -364,3 +364,21 @@ def test_a_host_that_refuses_forwarding_is_named(sshd_factory: SSHDFactory, make
     finally:
         cli.kill()
     dstack("stop", run, cwd=repo)
+
+
+def test_a_held_connection_keeps_an_environment_running(make_repo) -> None:
+    import socket
+
+    repo = repo_with(make_repo, WEB.replace("    ports: 1\n", "    ports: 1\n    inactivity: 3s\n"))
+    cli = Cli("run", "web", cwd=repo)
+    try:
+        m = cli.wait_for(URL)
+        run = last_run(repo)["name"]
+        with socket.create_connection(("127.0.0.1", int(m.group(2))), timeout=10):
+            time.sleep(6)  # twice the limit, with a connection open all along
+            assert job_row(repo, run)["status"] == "running"
+        assert wait_status(repo, run, ("stopped",), timeout=20)["reason"] == (
+            "stopped after 3s without connections"
+        )
+    finally:
+        cli.kill()
