@@ -382,3 +382,20 @@ def test_a_held_connection_keeps_an_environment_running(make_repo) -> None:
         )
     finally:
         cli.kill()
+
+
+def test_inactivity_forms_and_the_dev_environment_default(make_repo) -> None:
+    from dstack.workflows import load_project
+
+    repo = repo_with(
+        make_repo,
+        "  - name: lab\n    provider: lab\n"
+        "  - name: lab-on\n    provider: lab\n    inactivity: off\n"
+        "  - name: job\n    ports: 1\n    inactivity: 90m\n    commands: [true]\n"
+        "  - name: plain\n    commands: [true]\n",
+    )
+    project = load_project(repo)
+    assert project.job_spec("lab").inactivity_s == 3600  # dev environments stop after an idle hour
+    assert project.job_spec("lab-on").inactivity_s == 0
+    assert project.job_spec("job").inactivity_s == 90 * 60
+    assert project.job_spec("plain").inactivity_s is None

@@ -171,7 +171,7 @@ class RawWorkflow(_Raw):
     nodes: int | None = None
     ports: PortsField = None
     retry: RetryField = None
-    inactivity: Annotated[Any, WithJsonSchema({"type": ["string", "integer"]})] = None
+    inactivity: Annotated[Any, WithJsonSchema({"type": ["string", "integer", "boolean"]})] = None
     # python, torchrun
     file: Text | None = None
     script: Text | None = None
