@@ -140,10 +140,13 @@ def test_local_port_url_attach_after_kill(make_repo) -> None:
         m2 = again.wait_for(URL)
         assert get(m2.group(1) + "/index.html")[0] == 200
         assert again.interrupt() == 130  # Ctrl-C detaches
+        again.wait_for(f"`dstack attach {run}` re-opens its ports.")
     finally:
         again.kill()
     assert job_row(repo, run)["status"] == "running"
     dstack("stop", run, cwd=repo)
+    res = dstack("attach", run, cwd=repo, check=False)
+    assert res.code == 4 and f"run {run} is not running (it is stopped)" in res.err
 
 
 def test_fixed_port_is_never_given_to_two_jobs(make_repo) -> None:

@@ -36,10 +36,17 @@ def attach(run: str = typer.Argument(..., help="The run (name or prefix).")) -> 
 
 def follow_attached(state: State, run_id: str) -> None:
     """Follow the run's output with its ports open on localhost; Ctrl-C detaches (the run goes on)."""
+    from dstack.attach import asks_for_ports
+    from dstack.cli import ui
     from dstack.cli.runs import follow
 
-    with ports_open(run_id):
-        follow(state, run_id)
+    try:
+        with ports_open(run_id):
+            follow(state, run_id)
+    except typer.Exit as e:
+        if e.exit_code == 130 and asks_for_ports(state.jobs(run_id)):  # detached with Ctrl-C
+            ui.info(f"`dstack attach {state.run(run_id).name}` re-opens its ports.")
+        raise
 
 
 @contextmanager
