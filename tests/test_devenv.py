@@ -127,3 +127,25 @@ def test_code_says_how_to_preinstall_where_it_cannot_fetch(make_repo, tmp_path: 
         "or unpack openvscode-server-v1.95.3-linux-x64.tar.gz (its GitHub release) into ~/.dstack/tools/"
         in log
     )
+
+
+@pytest.mark.timeout(300)
+def test_fastapi_prints_its_url(make_repo, venvs: Path) -> None:
+    """`provider: fastapi` (installed from PyPI through `requirements`) prints its localhost URL too."""
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": "workflows:\n  - name: api\n    provider: fastapi\n    app: main:app\n"
+            "    requirements: requirements.txt\n",
+            "requirements.txt": "fastapi\nuvicorn\n",
+            "main.py": "from fastapi import FastAPI\napp = FastAPI()\n\n\n@app.get('/hello')\n"
+            "def hello() -> dict:\n    return {'hello': 'world'}\n",
+        }
+    )
+    cli = Cli("run", "api", cwd=repo)
+    try:
+        m = cli.wait_for(r"^api: (http://localhost:\d+)/docs$", timeout=240)
+        assert get(m.group(1) + "/hello") == (200, '{"hello":"world"}')
+        run = last_run(repo)["name"]
+    finally:
+        cli.kill()
+    dstack("stop", run, cwd=repo)
