@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import dstack
 from sshd import SSHDFactory
-from test_ports import Cli, add_host, get, job_row, last_run
+from test_ports import Cli, add_host, get, job_row, last_run, stop_runs
 
 LAB_URL = re.compile(r"^ide-lab: http://localhost:(\d+)(/lab\?token=[\w-]+)")  # the CLI's line
 
@@ -103,7 +103,7 @@ def test_lab_through_the_forward_with_its_token(
             assert "jp-LabShell" in dom or "lm-Widget" in dom, dom[-2000:]
     finally:
         cli.kill()
-    dstack("stop", run, cwd=repo)
+        stop_runs(repo)
 
 
 def test_code_says_how_to_preinstall_where_it_cannot_fetch(make_repo, tmp_path: Path) -> None:
@@ -145,7 +145,6 @@ def test_fastapi_prints_its_url(make_repo, venvs: Path) -> None:
     try:
         m = cli.wait_for(r"^api: (http://localhost:\d+)/docs$", timeout=240)
         assert get(m.group(1) + "/hello") == (200, '{"hello":"world"}')
-        run = last_run(repo)["name"]
     finally:
         cli.kill()
-    dstack("stop", run, cwd=repo)
+        stop_runs(repo)

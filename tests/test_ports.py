@@ -109,6 +109,13 @@ def wait_status(repo: Path, run: str, statuses: tuple[str, ...], timeout: float 
     pytest.fail(f"job of {run} not in {statuses} within {timeout}s: {row}")
 
 
+def stop_runs(repo: Path) -> None:
+    """Stop what a test left running (also when it failed half-way)."""
+    for run in json.loads(dstack("runs", "--json", cwd=repo).out):
+        if run["status"] in ("pending", "running"):
+            dstack("stop", run["name"], cwd=repo, check=False)
+
+
 def add_host(server: SSHServer, repo: Path, name: str) -> None:
     dstack("hosts", "add", server.address, "--name", name, "-i", str(server.key), "--yes", cwd=repo)
 
@@ -213,7 +220,7 @@ def test_container_port_is_published_on_loopback_only(make_repo, python_image: s
         )  # in the container
     finally:
         cli.kill()
-    dstack("stop", run["name"], cwd=repo)
+        stop_runs(repo)
 
 
 def test_container_port_on_an_ssh_host(
@@ -233,7 +240,7 @@ def test_container_port_on_an_ssh_host(
         assert get(m.group(1) + "/")[0] == 200
     finally:
         cli.kill()
-    dstack("stop", run, cwd=repo)
+        stop_runs(repo)
 
 
 @pytest.fixture
@@ -286,7 +293,7 @@ def test_forward_through_ssh_to_a_host_in_its_own_namespace(netns_host) -> None:
         assert (Path(res.out.strip()) / "index.html").read_text() == "hello\n"  # same filesystem here
     finally:
         cli.kill()
-    dstack("stop", run, cwd=repo)
+        stop_runs(repo)
 
 
 def run_job(repo: Path, run: str) -> str:
@@ -363,10 +370,9 @@ def test_a_host_that_refuses_forwarding_is_named(sshd_factory: SSHDFactory, make
     cli = Cli("run", "web", "--host", "strict", cwd=repo)
     try:
         cli.wait_for(r"^web: sshd on strict refuses port forwarding: set `AllowTcpForwarding yes` there$")
-        run = last_run(repo)["name"]
     finally:
         cli.kill()
-    dstack("stop", run, cwd=repo)
+        stop_runs(repo)
 
 
 def test_a_held_connection_keeps_an_environment_running(make_repo) -> None:
