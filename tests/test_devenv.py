@@ -46,7 +46,7 @@ def _no_redirect(url: str) -> int:
         return e.code
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(240)
 def test_lab_through_the_forward_with_its_token(
     sshd_factory: SSHDFactory, make_repo, venvs: Path, ssh_pool, tmp_path: Path
 ) -> None:
@@ -60,7 +60,7 @@ def test_lab_through_the_forward_with_its_token(
     add_host(server, repo, "gpu")
     cli = Cli("run", "ide-lab", "--host", "gpu", cwd=repo)
     try:
-        m = cli.wait_for(LAB_URL, timeout=360)
+        m = cli.wait_for(LAB_URL, timeout=180)
         url, local = m.group(0).split(": ", 1)[1], int(m.group(1))
         run = last_run(repo)["name"]
         remote = job_row(repo, run)["reserved"]["ports"][0]

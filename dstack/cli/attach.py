@@ -40,11 +40,14 @@ def follow_attached(state: State, run_id: str) -> None:
     from dstack.cli import ui
     from dstack.cli.runs import follow
 
+    if not asks_for_ports(state.jobs(run_id)):
+        follow(state, run_id)
+        return
     try:
         with ports_open(run_id):
             follow(state, run_id)
     except typer.Exit as e:
-        if e.exit_code == 130 and asks_for_ports(state.jobs(run_id)):  # detached with Ctrl-C
+        if e.exit_code == 130:  # detached with Ctrl-C
             ui.info(f"`dstack attach {state.run(run_id).name}` re-opens its ports.")
         raise
 
