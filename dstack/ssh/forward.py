@@ -10,8 +10,6 @@ import logging
 import selectors
 import socket
 import threading
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dstack.errors import HostError
@@ -49,8 +47,6 @@ class Forward:
         same_machine = target.hostname in LOOPBACK_NAMES and not target.proxy_jump
         self._sock = listen_local(0 if same_machine else remote_port)
         self.local_port: int = self._sock.getsockname()[1]
-        self.last_activity = time.monotonic()
-        self.active = 0  # connections open through the forward now
         self.errors: list[str] = []  # why connections could not be opened (latest last)
         self.refused: str | None = None  # the host's sshd will never forward: why
         self._closed = threading.Event()
@@ -75,10 +71,9 @@ class Forward:
                 return conn.transport.open_channel(
                     "direct-tcpip", ("127.0.0.1", self.remote_port), peer, timeout=OPEN_TIMEOUT
                 )
-            except (
-                paramiko.ChannelException
-            ) as exc:  # the host refused: nothing listens there, or no forwards
-                if exc.code == 1:  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+            except paramiko.ChannelException as exc:
+                # the host refused: nothing listens there, or (code 1) its sshd forwards nothing
+                if exc.code == 1:
                     self.refused = (
                         f"sshd on {conn.name} refuses port forwarding: set `AllowTcpForwarding yes` there"
                     )
@@ -112,19 +107,13 @@ class Forward:
             return
         with self._lock:
             self._pairs.append((client, chan))
-            self.active += 1
         try:
-            _pump(client, chan, self._closed, self._touch)
+            _pump(client, chan, self._closed)
         finally:
             with self._lock:
-                self.active -= 1
                 self._pairs = [p for p in self._pairs if p[0] is not client]
-            self._touch()
             chan.close()
             client.close()
-
-    def _touch(self) -> None:
-        self.last_activity = time.monotonic()
 
     def close(self) -> None:
         """Stop listening and end the connections open through the forward."""
@@ -141,9 +130,7 @@ class Forward:
                 pass
 
 
-def _pump(
-    client: socket.socket, chan: paramiko.Channel, closed: threading.Event, touch: Callable[[], None]
-) -> None:
+def _pump(client: socket.socket, chan: paramiko.Channel, closed: threading.Event) -> None:
     """Copy bytes both ways until both sides have finished sending (or the forward closes)."""
     sel = selectors.DefaultSelector()
     sel.register(client, selectors.EVENT_READ, chan)
@@ -162,7 +149,6 @@ def _pump(
                         dst.sendall(data)
                     except OSError:
                         return
-                    touch()
                     continue
                 sel.unregister(src)  # this side is done sending: pass the end on
                 open_ends -= 1
