@@ -7,6 +7,7 @@ same table counts the connections to a job's ports, which is how `inactivity:` s
 
 from __future__ import annotations
 
+import os
 import random
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,17 @@ if TYPE_CHECKING:
 
 # below Linux's default ephemeral range (32768-60999), so an outgoing connection never takes one meanwhile
 PORT_RANGE = (10000, 32000)
+
+
+def port_range() -> tuple[int, int]:
+    """Where counted ports come from: PORT_RANGE, or `DSTACK_PORT_RANGE=LO-HI` (both included)."""
+    text = os.environ.get("DSTACK_PORT_RANGE", "")
+    lo, _, hi = text.partition("-")
+    if lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi) < 65536:
+        return int(lo), int(hi) + 1
+    return PORT_RANGE
+
+
 _LISTEN, _ESTABLISHED = "0A", "01"
 
 
@@ -74,7 +86,7 @@ def choose_ports(state: State, runner: Runner, job_id: str, spec: JobSpec) -> li
         )
     with state.transaction():
         held = held_ports(state, runner.name)
-        free = [p for p in range(*PORT_RANGE) if p not in in_use and p not in held]
+        free = [p for p in range(*port_range()) if p not in in_use and p not in held]
         if len(free) < spec.ports.count:
             raise RunError(f"{runner.name} has no {spec.ports.count} free ports")
         ports = random.sample(free, spec.ports.count) + list(spec.ports.fixed)

@@ -408,3 +408,23 @@ def test_inactivity_forms_and_the_dev_environment_default(make_repo) -> None:
     assert project.job_spec("lab-on").inactivity_s == 0
     assert project.job_spec("job").inactivity_s == 90 * 60
     assert project.job_spec("plain").inactivity_s is None
+
+
+def test_counted_ports_held_by_a_job_go_to_no_other(make_repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two ports to choose from, two jobs that listen on neither still get one each: the first one's
+    port is held in the state, not just in use on the host."""
+    from dstack.ports import parse_tcp_table, read_local_tcp_table
+
+    taken = {p for p, _ in parse_tcp_table(read_local_tcp_table())}
+    lo = next(p for p in range(40000, 41000) if p not in taken and p + 1 not in taken)
+    monkeypatch.setenv("DSTACK_PORT_RANGE", f"{lo}-{lo + 1}")
+    repo = repo_with(make_repo, "  - name: idle\n    ports: 1\n    commands: [sleep 30]\n")
+    names = []
+    for _ in range(2):
+        dstack("run", "idle", "-d", "--force", cwd=repo)
+        names.append(last_run(repo)["name"])
+    try:
+        got = [wait_status(repo, n, ("running",))["reserved"]["ports"] for n in names]
+        assert sorted(p for ports in got for p in ports) == [lo, lo + 1]
+    finally:
+        stop_runs(repo)
