@@ -104,6 +104,9 @@ class Orchestrator:
         if run.status == "stopping":
             status = "stopped"
         reason = None
+        if failed and all(j.status == "stopped" for j in failed):  # e.g. stopped for inactivity
+            status = "stopped"
+            reason = "; ".join(f"job {j.workflow}: {j.reason}" for j in failed if j.reason) or None
         if failed and status == "failed":
             first = failed[0]
             reason = f"job {first.workflow} {first.status}" + (f": {first.reason}" if first.reason else "")
@@ -215,7 +218,14 @@ class Orchestrator:
         deps = []
         for up in upstream:
             deps.append(DependencyArtifacts(up.workflow, load_manifest(self.store, up.manifest)))
-        ports = _free_ports(spec.ports.count) + list(spec.ports.fixed)
+        from dstack.ports import choose_ports
+
+        runner = self.runner(runner_name)
+        try:
+            ports = choose_ports(self.state, runner, job.id, spec)
+        except DstackError as e:
+            self._fail(job, f"could not start on {runner_name}: {e}")
+            return
         ctx = JobContext(
             job_id=job.id,
             run_name=self.run.name,
@@ -291,6 +301,9 @@ class Orchestrator:
         state = track_metrics(runner, job, state)  # mirror its samples; names an OOM kill (dstack.metrics)
         if state.status == "running":
             self._sync_real_time(runner, job)
+            from dstack.inactivity import stop_if_idle
+
+            stop_if_idle(self.state, runner, job, keep=self.run.keep)
             return
         if job.runner != "local":
             self._mirror_log(runner, job)
@@ -436,17 +449,3 @@ def _wants(spec: Any) -> str:
     if res.gpu.count:
         parts.append(f"{res.gpu.count} {res.gpu.name or ''} GPU".replace("  ", " "))
     return ", ".join(parts)
-
-
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    ports, socks = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        ports.append(s.getsockname()[1])
-        socks.append(s)
-    for s in socks:
-        s.close()
-    return ports

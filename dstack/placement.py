@@ -51,6 +51,8 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
     used_cpu = sum(h.get("cpu", 0) for h in held)
     used_mem = sum(h.get("memory_mib", 0) for h in held)
     used_gpus = {i for h in held for i in h.get("gpus", [])}
+    if set(spec.ports.fixed) & {int(p) for h in held for p in h.get("ports", [])}:
+        return None  # a fixed port another job holds: wait for it
     if used_cpu + cpu > cap.cpus + 1e-9:
         return None
     if res.memory_mib and used_mem + res.memory_mib > cap.memory_mib:
@@ -67,4 +69,7 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
         if len(free) < res.gpu.count:
             return None
         gpus = free[: res.gpu.count]
-    return {"cpu": cpu, "memory_mib": res.memory_mib or 0, "gpus": gpus}
+    reserved: dict[str, Any] = {"cpu": cpu, "memory_mib": res.memory_mib or 0, "gpus": gpus}
+    if spec.ports.fixed:
+        reserved["ports"] = list(spec.ports.fixed)
+    return reserved

@@ -91,6 +91,7 @@ class JobSpec(_Model):
     resources: Resources = Field(default_factory=Resources)
     ports: PortsSpec = Field(default_factory=PortsSpec)
     retry: RetrySpec | None = None
+    inactivity_s: float | None = None  # stop after this long with no connection to its ports; 0: never
     python: PythonSpec | None = None
     variables: dict[str, str] = Field(default_factory=dict)  # the workflow's resolved variables
     help: str | None = None

@@ -191,9 +191,9 @@ def test_curl_downloads_into_an_artifact(tmp_path: Path, http_dir: str) -> None:
 @pytest.mark.parametrize(
     "provider,needle",
     [
-        ("lab", 'jupyterlab --no-browser --allow-root --ip 127.0.0.1 --port "$PORT_0"'),
-        ("notebook", 'notebook --no-browser --allow-root --ip 127.0.0.1 --port "$PORT_0"'),
-        ("code", 'openvscode-server --host 127.0.0.1 --port "$PORT_0"'),
+        ("lab", 'jupyterlab --no-browser --allow-root --ip "${DSTACK_BIND:-127.0.0.1}" --port "$PORT_0"'),
+        ("notebook", 'notebook --no-browser --allow-root --ip "${DSTACK_BIND:-127.0.0.1}" --port "$PORT_0"'),
+        ("code", '"$ovs" --host "${DSTACK_BIND:-127.0.0.1}" --port "$PORT_0"'),
     ],
 )
 def test_dev_environments_listen_on_localhost(tmp_path: Path, provider: str, needle: str) -> None:
@@ -226,9 +226,10 @@ def test_app_servers(tmp_path: Path) -> None:
     project = load_project(root)
     st = project.job_spec("st")
     assert st.ports.fixed == [8501]
-    assert "streamlit run app.py --server.address 127.0.0.1 --server.port 8501" in st.commands[-1]
+    bind = '"${DSTACK_BIND:-127.0.0.1}"'
+    assert f"streamlit run app.py --server.address {bind} --server.port 8501" in st.commands[-1]
     api = project.job_spec("api")
-    assert api.commands[-1] == 'python -m uvicorn main:app --host 127.0.0.1 --port "$PORT_0"'
+    assert api.commands[-1] == f'python -m uvicorn main:app --host {bind} --port "$PORT_0"'
     assert "needs a target" in str(project.error("broken"))
 
 

@@ -108,5 +108,11 @@ class Runner(ABC):
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
         """Remove the job's working directory (its log and exit code stay until the runner prunes them)."""
 
+    def tcp_table(self) -> str:
+        """The runner's `/proc/net/tcp` and `/proc/net/tcp6` text: which ports are taken, what connects."""
+        from dstack.ports import read_local_tcp_table
+
+        return read_local_tcp_table()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -106,8 +106,7 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
         f"dstack.job={ctx.job_id}",
         "--label",
         f"dstack.run={ctx.run_name}",
-        "--network",
-        "host",
+        *_network(ctx.ports),
         "-v",
         f"{job_dir}/work:{CONTAINER_ROOT}",
         "-w",
@@ -143,6 +142,17 @@ def docker_run_argv(ctx: JobContext, job_dir: str, env_keys: list[str]) -> list[
         argv += ["--entrypoint", spec.entrypoint[0], spec.image, *spec.entrypoint[1:]]
     else:
         argv.append(spec.image)  # the image's own command
+    return argv
+
+
+def _network(ports: list[int]) -> list[str]:
+    """The host's network, or with ports its own one, each port published on the host's 127.0.0.1 only
+    (servers inside listen on `$DSTACK_BIND`, 0.0.0.0 there: the container's interfaces, not the host's)."""
+    if not ports:
+        return ["--network", "host"]
+    argv = ["-e", "DSTACK_BIND=0.0.0.0"]
+    for port in ports:
+        argv += ["-p", f"127.0.0.1:{port}:{port}"]
     return argv
 
 
@@ -185,8 +195,8 @@ def render_container_job(ctx: JobContext, job_dir: str, env_keys: list[str]) -> 
                 f'"$docker" {run}',
                 "code=$?",
                 f"name={q(container_name(ctx.job_id))}",
-                'if [ "$code" = 137 ] && [ "$("$docker" inspect -f "{{.State.OOMKilled}}" "$name" 2>/dev/null)"'
-                ' = true ]; then',
+                'if [ "$code" = 137 ] &&',
+                '  [ "$("$docker" inspect -f "{{.State.OOMKilled}}" "$name" 2>/dev/null)" = true ]; then',
                 '  echo "dstack: the container ran out of memory (OOMKilled)" >&2',
                 '  printf \'{"t": %s, "oomkilled": true}\\n\' "$(date +%s)" >> "$DSTACK_JOB_DIR/metrics"',
                 "fi",

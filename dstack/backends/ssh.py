@@ -201,6 +201,9 @@ class SSHRunner(Runner):
 
         return process.read_file(self.conn, f"{self.job_dir(job_id)}/metrics", offset)
 
+    def tcp_table(self) -> str:
+        return self.conn.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || :", timeout=30).stdout
+
     def stop_job(self, job_id: str) -> None:
         from dstack.ssh import process
 

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from dstack.cli import LazyGroup, new_app
+from dstack.cli import attach as attach_cli
 from dstack.cli import cleanup as cleanup_cli
 from dstack.cli import dashboard as dashboard_cli
 from dstack.cli import metrics as metrics_cli
@@ -59,6 +60,7 @@ LazyGroup.lazy.update(
     triggers="dstack.cli.triggers:app",
 )
 cleanup_cli.register(app)
+attach_cli.register(app)
 
 
 def main() -> None:

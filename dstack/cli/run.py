@@ -98,13 +98,17 @@ def run(
             ui.info(
                 f"Detached. Follow with `dstack logs -f {run_.name}`; stop with `dstack stop {run_.name}`."
             )
+            from dstack.attach import asks_for_ports
+
+            if asks_for_ports(created.jobs):
+                ui.info(f"`dstack attach {run_.name}` opens its ports on localhost.")
             return
         # this process drives the run while it follows it; once the run lasts, a fresh orchestrator process
         # stands by and takes the run over if this one goes away (Ctrl-C, a closed terminal, a kill)
         drive = claim_run(state, run_)
         if not drive:
             start_orchestrator(run_.id)
-        from dstack.cli.runs import follow
+        from dstack.cli.attach import follow_attached as follow
 
         try:
             follow(state, run_.id, drive=drive)

@@ -1,11 +1,11 @@
-"""App servers: `streamlit` (`target`) and `fastapi` (`app`), served on `$PORT_0` at 127.0.0.1."""
+"""App servers: `streamlit` (`target`) and `fastapi` (`app`) on `$PORT_0` at 127.0.0.1, with their URLs."""
 
 from __future__ import annotations
 
 import shlex
 
 from dstack.providers.base import Provider, ProviderContext, base_spec, fail, with_definitions
-from dstack.providers.devenv import at_least_one_port, port_ref
+from dstack.providers.devenv import BIND, at_least_one_port, port_ref, url_line
 from dstack.specs import JobSpec
 from dstack.workflows.models import Workflow
 
@@ -25,8 +25,8 @@ class StreamlitProvider(Provider):
             [
                 *workflow.commands,
                 "python -m pip install -q streamlit",
-                f'echo "Streamlit: http://127.0.0.1:{port.strip(chr(34))}"',
-                f"python -m streamlit run {shlex.quote(workflow.target)} --server.address 127.0.0.1 "
+                url_line("Streamlit", port),
+                f"python -m streamlit run {shlex.quote(workflow.target)} --server.address {BIND} "
                 f"--server.port {port} --server.headless true {workflow.args}".strip(),
             ],
             workflow.variables,
@@ -49,8 +49,8 @@ class FastapiProvider(Provider):
             [
                 *workflow.commands,
                 "python -m pip install -q fastapi uvicorn",
-                f'echo "FastAPI: http://127.0.0.1:{port.strip(chr(34))}/docs"',
-                f"python -m uvicorn {shlex.quote(workflow.app)} --host 127.0.0.1 --port {port} "
+                url_line("FastAPI", port, "/docs"),
+                f"python -m uvicorn {shlex.quote(workflow.app)} --host {BIND} --port {port} "
                 f"{workflow.args}".strip(),
             ],
             workflow.variables,

@@ -93,6 +93,7 @@ def base_spec(workflow: Workflow, provider: str, commands: list[str], **fields: 
         resources=workflow.resources.model_copy(deep=True),
         ports=workflow.ports.model_copy(deep=True),
         retry=workflow.retry,
+        inactivity_s=workflow.inactivity_s,
         python=python,
         variables=dict(workflow.variables),
         help=workflow.help,

@@ -171,6 +171,7 @@ class RawWorkflow(_Raw):
     nodes: int | None = None
     ports: PortsField = None
     retry: RetryField = None
+    inactivity: Annotated[Any, WithJsonSchema({"type": ["string", "integer", "boolean"]})] = None
     # python, torchrun
     file: Text | None = None
     script: Text | None = None
@@ -241,6 +242,7 @@ class Workflow(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     ports: PortsSpec = Field(default_factory=PortsSpec)
     retry: RetrySpec | None = None
+    inactivity_s: float | None = None  # `inactivity: 30m`; 0: off; None: the provider decides
     python_version: str | None = None
     requirements: str | None = None
     script: str | None = None

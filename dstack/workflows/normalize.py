@@ -138,6 +138,7 @@ class _Reader:
             resources=self._resources(raw),
             ports=self._ports(),
             retry=self._retry(),
+            inactivity_s=self._inactivity(),
             python_version=self._python_version(),
             requirements=self._plain(raw.requirements, "requirements"),
             script=self._script(raw),
@@ -634,6 +635,21 @@ class _Reader:
                 self.fail(f"'ports' lists more than {MAX_PORTS} ports", line)
             return PortsSpec(fixed=fixed)
         self.fail("'ports' must be a count (ports: 2) or a list of port numbers", line)
+
+    def _inactivity(self) -> float | None:
+        from dstack.inactivity import parse_duration
+
+        value = self.item.get("inactivity")
+        if value is None:
+            return None
+        seconds = None if isinstance(value, dict | list) else parse_duration(scalar_text(value))
+        if seconds is None:
+            self.fail(
+                f"'inactivity' {plain(value)!r} is not a duration",
+                self.at("inactivity"),
+                hint="write e.g. `inactivity: 30m` (s, m, h, d) or `inactivity: off`",
+            )
+        return seconds
 
     def _retry(self) -> RetrySpec | None:
         value = self.item.get("retry")
