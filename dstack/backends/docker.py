@@ -173,7 +173,6 @@ def render_container_job(ctx: JobContext, job_dir: str, env_keys: list[str]) -> 
                 "docker=$(command -v docker) ||",
                 '  { echo "dstack: docker is not installed on $(hostname)" >&2; exit 125; }',
                 f". {q(job_dir + '/env.sh')}",
-                f"rm -f {q(job_dir + '/env.sh')}",  # its values (secrets too) now live in this shell only
                 'export DSTACK_OWNER="$(id -u):$(id -g)"',
                 f"image={q(image)}",
                 "host=$(hostname)",

@@ -43,7 +43,8 @@ end_tree() {
   if [ -n "$cg" ]; then echo 1 > "$cg/cgroup.kill"; fi 2>/dev/null
   kill -KILL $p 2>/dev/null
 }
-# the end: no secrets left in env.sh; a disk the job filled is named in its log; the exit code recorded
+# the end: env.sh (0600, secrets too; `dstack ssh` loads it while the job runs) removed;
+# a disk the job filled is named in its log; the exit code recorded
 finish() {
   local full=""
   [ "$1" != 0 ] && [ "$(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')" = 0 ] && full=1
@@ -62,7 +63,7 @@ on_stop() {
 }
 trap on_stop TERM INT
 # metrics (dstack.metrics.sampler): one sampler per job appends to ./metrics until ./exit appears
-# (its settings are read here, before job.sh removes env.sh)
+# (its settings are read here from env.sh: the sampler never sources the job's secrets itself)
 [ -f sampler.py ] && command -v python3 >/dev/null && {
   DSTACK_SAMPLER_SETTINGS=$(. ./env.sh >/dev/null 2>&1
     printf '%s|%s|%s' "${CUDA_VISIBLE_DEVICES+set}" "$CUDA_VISIBLE_DEVICES" "$DSTACK_METRICS_INTERVAL") \
@@ -175,7 +176,6 @@ def render_job(ctx: JobContext, job_dir: str, venv_root: str, requirements_diges
         "set -e",
         f"export DSTACK_JOB_DIR={shlex.quote(job_dir)}",
         f". {shlex.quote(job_dir + '/env.sh')}",
-        f"rm -f {shlex.quote(job_dir + '/env.sh')}",  # its values (secrets too) now live in this shell only
         f"cd {shlex.quote(workdir)}",
         python_setup(ctx, venv_root, requirements_digest),
     ]

@@ -31,7 +31,7 @@ def job_settings():
         '. ./env.sh >/dev/null 2>&1; printf "%s|%s|%s" "${CUDA_VISIBLE_DEVICES+set}" '
         '"$CUDA_VISIBLE_DEVICES" "$DSTACK_METRICS_INTERVAL"'
     )
-    out = os.environ.get("DSTACK_SAMPLER_SETTINGS")  # read by run.sh before job.sh removes env.sh
+    out = os.environ.get("DSTACK_SAMPLER_SETTINGS")  # read by run.sh from env.sh
     if out is None:
         try:
             out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10).stdout
