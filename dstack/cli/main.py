@@ -15,6 +15,7 @@ from dstack.cli import metrics as metrics_cli
 from dstack.cli import project as project_cli
 from dstack.cli import run as run_cli
 from dstack.cli import runs as runs_cli
+from dstack.cli import triggers as triggers_cli
 
 app = new_app(
     help="Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs.",
@@ -57,10 +58,10 @@ LazyGroup.lazy.update(
     tags="dstack.cli.tags:app",
     hosts="dstack.cli.hosts:app",
     config="dstack.cli.config:app",
-    triggers="dstack.cli.triggers:app",
 )
 cleanup_cli.register(app)
 attach_cli.register(app)
+triggers_cli.register(app)  # `triggers` and the top-level `watch`
 
 
 def main() -> None:

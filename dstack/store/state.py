@@ -252,9 +252,10 @@ class State:
             for job in jobs:
                 if join and job.status == "pending" and job.key:
                     row = db.execute(
-                        "SELECT id FROM jobs WHERE key = ? AND run_id != ? AND (status IN "
-                        "('pending', 'waiting', 'starting', 'running') OR (status = 'done' AND manifest "
-                        "IS NOT NULL)) ORDER BY joins IS NOT NULL, created_at DESC LIMIT 1",
+                        "SELECT jobs.id FROM jobs JOIN runs ON runs.id = jobs.run_id WHERE key = ? "
+                        "AND run_id != ? AND runs.deleted_at IS NULL AND (jobs.status IN "
+                        "('pending', 'waiting', 'starting', 'running') OR (jobs.status = 'done' AND "
+                        "manifest IS NOT NULL)) ORDER BY joins IS NOT NULL, jobs.created_at DESC LIMIT 1",
                         (job.key, run.id),
                     ).fetchone()
                     job.joins = row[0] if row else None
