@@ -279,6 +279,8 @@ class Orchestrator:
             if self._unreachable_since.pop(name, None) is not None:
                 self._mirror_log(runner, job)  # back: catch up on what it printed meanwhile
         if state.status == "running":
+            if state.reason != job.reason:  # what the runner says of it (Slurm: why it waits in its queue)
+                self.state.transition(job.id, ("running",), reason=state.reason)
             self._sync_real_time(runner, job)
             return
         if job.runner != "local":

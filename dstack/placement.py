@@ -22,6 +22,8 @@ def gpu_matches(gpu_name: str, wanted: str | None) -> bool:
 
 def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
     """Why this runner could never run the job (None if it could, once free)."""
+    if cap.nodes or cap.queued:
+        return _cluster_shortfall(cap, spec)
     res = spec.resources
     if spec.image and not cap.docker:
         return f"Docker (the job runs image {spec.image})"
@@ -44,8 +46,23 @@ def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
     return None
 
 
+def _cluster_shortfall(cap: Capacity, spec: JobSpec) -> str | None:
+    """A cluster fits a job when `nodes` of its nodes each fit one node's share of it."""
+    if spec.image and not cap.docker:
+        return f"Docker (the job runs image {spec.image})"
+    whys = [shortfall(node, spec) for node in cap.nodes]
+    fit = sum(1 for why in whys if why is None)
+    if fit >= max(1, spec.resources.nodes):
+        return None
+    if fit:
+        return f"nodes ({spec.resources.nodes} asked, {fit} that fit the job there)"
+    return next((why for why in whys if why), "nodes (none there)")
+
+
 def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[str, Any] | None:
     """What the job would hold on this runner now, or None if too much is taken."""
+    if cap.queued:
+        return {}  # the runner's own scheduler (Slurm) queues it: never second-guessed here
     res = spec.resources
     cpu = cpu_request(spec)
     used_cpu = sum(h.get("cpu", 0) for h in held)

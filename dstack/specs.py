@@ -91,6 +91,7 @@ class JobSpec(_Model):
     resources: Resources = Field(default_factory=Resources)
     ports: PortsSpec = Field(default_factory=PortsSpec)
     retry: RetrySpec | None = None
+    max_duration_s: int | None = None  # `max_duration`: the runner ends the job after it (Slurm: --time)
     python: PythonSpec | None = None
     variables: dict[str, str] = Field(default_factory=dict)  # the workflow's resolved variables
     help: str | None = None

@@ -31,6 +31,7 @@ up() {
     munged --force --pid-file="$RUN/munged.pid"
   fi
   for _ in $(seq 50); do [ -S /run/munge/munge.socket.2 ] && break; sleep 0.1; done
+  [ -S /run/munge/munge.socket.2 ] || { echo "munged did not start" >&2; return 1; }
   ip link show "$BR" >/dev/null 2>&1 || ip link add "$BR" type bridge
   ip addr show dev "$BR" | grep -q "$NET.1/" || ip addr add "$NET.1/24" dev "$BR"
   ip link set "$BR" up
@@ -92,26 +93,33 @@ EOF
   done
   echo "$nodes" >"$RUN/nodes"
   export SLURM_CONF=$CONF
-  for _ in $(seq 150); do
-    sinfo -h -o '%D %T' 2>/dev/null | grep -q "^$nodes idle" && break
+  local deadline=$((SECONDS + 45))
+  until timeout 5 sinfo -h -o '%D %T' 2>/dev/null | grep -q "^$nodes idle"; do
+    if ((SECONDS > deadline)); then
+      timeout 5 sinfo
+      tail -n 20 "$RUN"/*.log
+      return 1
+    fi
     sleep 0.2
   done
   sinfo
-  sinfo -h -o '%D %T' | grep -q "^$nodes idle"
 }
 
 down() {
   local n nodes f
   nodes=$(cat "$RUN/nodes" 2>/dev/null || echo 2)
+  local pids=""
   for f in "$RUN"/slurmd-*.pid "$RUN/slurmctld.pid" "$RUN/munged.pid"; do
-    [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+    [ -s "$f" ] && pids+=" $(cat "$f")"
   done
-  for _ in $(seq 50); do
-    alive=0
-    for f in "$RUN"/slurmd-*.pid "$RUN/slurmctld.pid" "$RUN/munged.pid"; do
-      [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1
-    done
-    [ $alive = 0 ] && break
+  # shellcheck disable=SC2086
+  [ -n "$pids" ] && kill $pids 2>/dev/null
+  for i in $(seq 100); do # the pids, not the pid files: a daemon removes its file before it is gone
+    alive=""
+    for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive+=" $pid"; done
+    [ -z "$alive" ] && break
+    # shellcheck disable=SC2086
+    [ "$i" -gt 50 ] && kill -9 $alive 2>/dev/null
     sleep 0.1
   done
   for n in $(seq 1 "$nodes"); do

@@ -3,9 +3,172 @@ sbatch, stopping them with scancel, Slurm's own end reasons."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
+import pytest
+from helpers import dstack
 from slurm import SlurmCluster
+
+WORKFLOWS = """\
+workflows:
+  - name: hi
+    commands:
+      - echo "hi from $(hostname)"
+      - mkdir -p out && hostname > out/where
+    artifacts: [out]
+  - name: sleepy
+    resources: {cpu: 1}
+    commands:
+      - echo started
+      - sleep ${{ secs }}
+      - echo finished
+  - name: forever
+    commands:
+      - echo tick
+      - sleep 600
+  - name: slow
+    max_duration: 1m
+    commands:
+      - echo started
+      - sleep 600
+  - name: huge
+    resources: {cpu: 64}
+    commands: [echo never]
+"""
+VARIABLES = "variables:\n  sleepy:\n    secs: 4\n"
 
 
 def test_fixture_nodes_are_separate_hosts(slurm_cluster: SlurmCluster) -> None:
     out = slurm_cluster.run("srun", "-N2", "--ntasks-per-node=1", "hostname", timeout=30)
     assert sorted(out.split()) == list(slurm_cluster.nodes)
+
+
+def add_cluster(repo: Path, cluster: SlurmCluster, *extra: str, name: str = "cluster") -> None:
+    login = cluster.login
+    dstack("hosts", "add", login.address, "--slurm", "--name", name, "-i", str(login.key), "--yes", *extra,
+           cwd=repo, timeout=60)  # fmt: skip
+    dstack("hosts", "disable", "local", cwd=repo)
+
+
+@pytest.fixture
+def repo(make_repo, slurm_cluster: SlurmCluster) -> Path:
+    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, ".dstack/variables.yaml": VARIABLES})
+    add_cluster(repo, slurm_cluster)
+    yield repo
+    slurm_cluster.run("scancel", "--name=dstack", "-u", "root")  # nothing a failed test left runs on
+    for job in slurm_cluster.queue():
+        slurm_cluster.run("scancel", job.split()[0])
+
+
+def last_run(repo: Path) -> dict:
+    return json.loads(dstack("runs", "--json", cwd=repo).out)[0]
+
+
+def jobs_of(repo: Path, run: str) -> list[dict]:
+    return json.loads(dstack("jobs", run, "--json", cwd=repo).out)
+
+
+def test_hosts_add_slurm_lists_partitions_and_nodes(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    [host] = [h for h in json.loads(dstack("hosts", "--json", cwd=repo).out) if h["name"] == "cluster"]
+    assert host["kind"] == "slurm" and host["status"] == "ready"
+    slurm = host["cloud"]["slurm"]
+    assert slurm["version"].startswith(("2", "3"))
+    [main] = slurm["partitions"]
+    assert main["name"] == "main" and main["default"]
+    assert sorted(n["name"] for n in main["nodes"]) == list(slurm_cluster.nodes)
+    assert {(n["cpus"], n["memory_mib"]) for n in main["nodes"]} == {(2, 2000)}
+    assert host["capacity"]["cpus"] == 4 and host["capacity"]["queued"]
+    table = dstack("hosts", cwd=repo).out
+    assert "slurm" in table and "main: 2/2 nodes free" in table
+    assert "main: 2/2 nodes free" in dstack("hosts", "check", "cluster", cwd=repo).err
+
+
+def test_hosts_add_slurm_errors(make_repo, slurm_cluster: SlurmCluster, sshd) -> None:
+    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS})
+    login = slurm_cluster.login
+    res = dstack("hosts", "add", login.address, "--slurm", "--partition", "gpu", "-i", str(login.key), "--yes",
+                 cwd=repo, check=False)  # fmt: skip
+    assert res.code != 0 and "has no partition 'gpu'" in res.err and "its partitions: main" in res.err
+    res = dstack("hosts", "add", login.address, "--partition", "main", cwd=repo, check=False)
+    assert res.code != 0 and "--partition is for Slurm clusters" in res.err
+    # a plain sshd without SLURM_CONF: sinfo can't reach a controller
+    res = dstack("hosts", "add", sshd.address, "--slurm", "--name", "nope", "-i", str(sshd.key), "--yes",
+                 cwd=repo, check=False)  # fmt: skip
+    assert res.code != 0 and "`sinfo` failed" in res.err
+
+
+def test_job_runs_through_sbatch_and_is_in_squeue_while_running(
+    repo: Path, slurm_cluster: SlurmCluster
+) -> None:
+    dstack("run", "sleepy", "--secs", "6", "--host", "cluster", "-d", cwd=repo)
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        seen = [line for line in slurm_cluster.queue() if "dstack-" in line and "RUNNING" in line]
+        time.sleep(0.3)
+    assert seen, "the job never showed in squeue"
+    run = last_run(repo)["name"]
+    res = dstack("logs", run, "-f", cwd=repo, timeout=60)
+    assert "started" in res.out and "finished" in res.out
+    assert last_run(repo)["status"] == "done"
+    assert slurm_cluster.wait_queue_empty() == []
+
+
+def test_artifacts_and_dependencies_on_the_shared_filesystem(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    res = dstack("run", "hi", "--host", "cluster", cwd=repo, timeout=60)
+    run = last_run(repo)["name"]
+    log = dstack("logs", run, cwd=repo).out
+    assert "hi from dstksl" in log, res.output  # it ran on a compute node, not the login node
+    out = dstack("artifacts", "download", run, "-o", str(repo / "got"), cwd=repo)
+    assert (repo / "got" / "out" / "where").read_text().strip() in slurm_cluster.nodes, out.output
+
+
+def test_stop_leaves_squeue_empty(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    dstack("run", "forever", "--host", "cluster", "-d", cwd=repo)
+    run = last_run(repo)["name"]
+    deadline = time.monotonic() + 30
+    while "tick" not in dstack("logs", run, cwd=repo).out and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert any("RUNNING" in line for line in slurm_cluster.queue())
+    dstack("stop", run, cwd=repo, timeout=60)
+    assert slurm_cluster.queue() == []
+    assert last_run(repo)["status"] == "stopped"
+
+
+def test_queued_job_waits_with_slurms_reason(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    # hold both nodes' CPUs with a job outside dstack: dstack's job must queue, not be refused or held back
+    blocker = slurm_cluster.run("sbatch", "--parsable", "-N2", "--exclusive", "--wrap", "sleep 60").strip()
+    try:
+        dstack("run", "sleepy", "--secs", "1", "--host", "cluster", "-d", cwd=repo)
+        run = last_run(repo)["name"]
+        deadline = time.monotonic() + 20
+        reason = ""
+        while "waiting in Slurm's queue" not in reason and time.monotonic() < deadline:
+            reason = jobs_of(repo, run)[0]["reason"] or ""
+            time.sleep(0.3)
+        assert "waiting in Slurm's queue: Resources" in reason or "Priority" in reason, reason
+    finally:
+        slurm_cluster.run("scancel", blocker)
+    res = dstack("logs", run, "-f", cwd=repo, timeout=60)
+    assert "finished" in res.out
+    assert last_run(repo)["status"] == "done" and not jobs_of(repo, run)[0]["reason"]
+
+
+def test_a_job_that_fits_no_node_is_refused(repo: Path) -> None:
+    res = dstack("run", "huge", "--host", "cluster", cwd=repo, check=False, timeout=60)
+    assert res.code != 0
+    assert "cluster: not enough CPUs (64 asked, 2 there)" in res.err
+
+
+@pytest.mark.timeout(200)
+def test_over_max_duration_fails_saying_timeout(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    """`--time` counts minutes: a 1-minute limit, and slurmctld checks limits every 30 s (so 60-95 s)."""
+    started = time.monotonic()
+    res = dstack("run", "slow", "--host", "cluster", cwd=repo, check=False, timeout=150)
+    assert res.code != 0
+    assert 55 < time.monotonic() - started < 150
+    [job] = jobs_of(repo, last_run(repo)["name"])
+    assert job["status"] == "failed" and "TIMEOUT" in job["reason"], job
+    assert slurm_cluster.queue() == []

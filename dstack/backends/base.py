@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -34,6 +34,16 @@ class Capacity:
     os: str = ""
     python: str = ""
     rsync: bool = False
+    queued: bool = False  # the runner queues jobs itself (a Slurm cluster): placement reserves nothing on it
+    nodes: list[Capacity] = field(default_factory=list)  # a cluster's nodes: each job node must fit one
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Capacity:
+        """A Capacity from its `asdict` form (as stored in the hosts table)."""
+        data = dict(data)
+        data["gpus"] = [GpuInfo(**g) for g in data.get("gpus", [])]
+        data["nodes"] = [cls.from_json(n) for n in data.get("nodes", [])]
+        return cls(**data)
 
 
 @dataclass

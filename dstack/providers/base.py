@@ -88,6 +88,7 @@ def base_spec(workflow: Workflow, provider: str, commands: list[str], **fields: 
         resources=workflow.resources.model_copy(deep=True),
         ports=workflow.ports.model_copy(deep=True),
         retry=workflow.retry,
+        max_duration_s=workflow.max_duration_s,
         python=python,
         variables=dict(workflow.variables),
         help=workflow.help,

@@ -171,6 +171,7 @@ class RawWorkflow(_Raw):
     nodes: int | None = None
     ports: PortsField = None
     retry: RetryField = None
+    max_duration: Annotated[Any, Field(description="90s, 30m, 2h, 1d or seconds: then the job ends")] = None
     # python, torchrun
     file: Text | None = None
     script: Text | None = None
@@ -241,6 +242,7 @@ class Workflow(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     ports: PortsSpec = Field(default_factory=PortsSpec)
     retry: RetrySpec | None = None
+    max_duration_s: int | None = None
     python_version: str | None = None
     requirements: str | None = None
     script: str | None = None
