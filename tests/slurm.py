@@ -10,6 +10,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,7 +102,10 @@ def slurm_cluster_fixture(sshd_factory: SSHDFactory) -> Iterator[SlurmCluster]:
             if code != 0:
                 log = (RUN_DIR / "slurmctld.log").read_text()[-1500:] if CONF.exists() else ""
                 pytest.fail(f"the Slurm cluster did not start: {out}{log}")
-            login = sshd_factory.loopback(env={"SLURM_CONF": str(CONF)})
+            # the login node's `python` is the tests' interpreter (numpy, scikit-learn), as on a real cluster's
+            # module-loaded PATH; sbatch passes the environment on to the jobs
+            path = f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+            login = sshd_factory.loopback(env={"SLURM_CONF": str(CONF), "PATH": path})
             yield SlurmCluster(CONF, NODES, login)
         finally:
             code, out = _script("down", timeout=60)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import dstack
+from helpers import copy_example, dstack
 from slurm import SlurmCluster
 
 WORKFLOWS = """\
@@ -172,3 +172,16 @@ def test_over_max_duration_fails_saying_timeout(repo: Path, slurm_cluster: Slurm
     [job] = jobs_of(repo, last_run(repo)["name"])
     assert job["status"] == "failed" and "TIMEOUT" in job["reason"], job
     assert slurm_cluster.queue() == []
+
+
+@pytest.mark.timeout(240)
+def test_digits_example_runs_on_the_cluster(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
+    digits = copy_example("digits", tmp_path / "digits")
+    add_cluster(digits, slurm_cluster)
+    res = dstack("run", "evaluate", "--host", "cluster", cwd=digits, timeout=200)
+    assert "accuracy" in res.output
+    run = last_run(digits)
+    assert run["status"] == "done"
+    jobs = jobs_of(digits, run["name"])
+    assert sorted(j["name"] for j in jobs) == ["evaluate", "prepare", "train"]
+    assert {j["runner"] for j in jobs} == {"cluster"}
