@@ -4,6 +4,7 @@ sbatch, stopping them with scancel, Slurm's own end reasons."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -33,9 +34,38 @@ workflows:
     commands:
       - echo started
       - sleep 600
+  - name: pair
+    nodes: 2
+    commands:
+      - python rendezvous.py
   - name: huge
     resources: {cpu: 64}
     commands: [echo never]
+"""
+RENDEZVOUS = """\
+import os, socket, time
+rank, me = int(os.environ["DSTACK_NODE_RANK"]), socket.gethostname()
+addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+assert addr == os.environ["DSTACK_MASTER_NODE_ADDR"] == os.environ["DSTACK_NODES_IPS"].split(",")[0]
+assert os.environ["DSTACK_NODES_NUM"] == os.environ["WORLD_SIZE"] == "2" and os.environ["NODE_RANK"] == str(rank)
+if rank == 0:
+    with socket.create_server((addr, port)) as server:
+        server.settimeout(30)
+        conn, _ = server.accept()
+        with conn:
+            other = conn.recv(100).decode()
+            conn.sendall(me.encode())
+    print(f"rank 0 on {me} met {other} via {addr}:{port}; ips {os.environ['DSTACK_NODES_IPS']}")
+else:
+    for _ in range(150):
+        try:
+            conn = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError:
+            time.sleep(0.2)
+    with conn:
+        conn.sendall(f"rank {rank} on {me}".encode())
+        print(f"rank {rank} on {me} met rank 0 on {conn.recv(100).decode()}")
 """
 VARIABLES = "variables:\n  sleepy:\n    secs: 4\n"
 
@@ -54,7 +84,13 @@ def add_cluster(repo: Path, cluster: SlurmCluster, *extra: str, name: str = "clu
 
 @pytest.fixture
 def repo(make_repo, slurm_cluster: SlurmCluster) -> Path:
-    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, ".dstack/variables.yaml": VARIABLES})
+    repo = make_repo(
+        {
+            ".dstack/workflows.yaml": WORKFLOWS,
+            ".dstack/variables.yaml": VARIABLES,
+            "rendezvous.py": RENDEZVOUS,
+        }
+    )
     add_cluster(repo, slurm_cluster)
     yield repo
     slurm_cluster.run("scancel", "--name=dstack", "-u", "root")  # nothing a failed test left runs on
@@ -185,3 +221,15 @@ def test_digits_example_runs_on_the_cluster(tmp_path: Path, slurm_cluster: Slurm
     jobs = jobs_of(digits, run["name"])
     assert sorted(j["name"] for j in jobs) == ["evaluate", "prepare", "train"]
     assert {j["runner"] for j in jobs} == {"cluster"}
+
+
+def test_two_node_job_ranks_meet_through_master_addr(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    res = dstack("run", "pair", "--host", "cluster", cwd=repo, timeout=90)
+    run = last_run(repo)["name"]
+    log = dstack("logs", run, cwd=repo).out
+    match = re.search(r"rank 0 on (\S+) met rank 1 on (\S+) via ([\d.]+):(\d+)", log)
+    assert match, res.output + log
+    assert {match[1], match[2]} == set(slurm_cluster.nodes)  # one rank per node
+    [job] = jobs_of(repo, run)
+    [rank1] = (slurm_cluster.login.dir / "home").glob(f".dstack/slurm/jobs/{job['id']}/rank-1.log")
+    assert f"rank 1 on {match[2]} met rank 0 on {match[1]}" in rank1.read_text()

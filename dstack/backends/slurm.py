@@ -40,10 +40,11 @@ INTERRUPTED = {
     "BOOT_FAIL": "its node failed to boot",
 }
 
-# The batch script: runs job.sh (stdout/stderr go to Slurm's --output, the job's log) and records its
-# exit code as run.sh does; a signal from Slurm (time limit, scancel) is passed on to the job.
+# The batch script: runs job.sh once per node of the allocation (through srun when there are several; rank 0's
+# output is Slurm's --output, the job's log; rank N's goes to rank-N.log) and records its exit code as run.sh
+# does. A signal from Slurm (time limit, scancel) is passed on; one rank failing ends the others.
 SLURM_SH = """#!/usr/bin/env bash
-cd "$DSTACK_SLURM_JOB_DIR" || exit 1
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 1  # sbatch runs in the job's directory
 on_stop() {
   kill -TERM "$child" 2>/dev/null
   wait "$child"
@@ -51,12 +52,32 @@ on_stop() {
   exit 143
 }
 trap on_stop TERM INT
-bash ./job.sh < /dev/null &
+nodes=${SLURM_JOB_NUM_NODES:-1}
+ips=""
+for name in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null || hostname); do
+  ip=$(getent hosts "$name" | awk '{print $1; exit}')
+  ips="${ips:+$ips,}${ip:-$name}"
+done
+export DSTACK_NODES_NUM=$nodes WORLD_SIZE=$nodes DSTACK_NODES_IPS=$ips
+export DSTACK_MASTER_NODE_ADDR=${ips%%,*} MASTER_ADDR=${ips%%,*}
+export MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
+if [ "$nodes" -gt 1 ]; then
+  srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \\
+    --kill-on-bad-exit=1 bash ./rank.sh < /dev/null &
+else
+  bash ./rank.sh < /dev/null &
+fi
 child=$!
 wait "$child"
 code=$?
 echo $code > exit.tmp && mv exit.tmp exit
 exit $code
+"""
+RANK_SH = """#!/usr/bin/env bash
+rank=${SLURM_NODEID:-0}
+export DSTACK_NODE_RANK=$rank NODE_RANK=$rank
+if [ "$rank" = 0 ]; then exec bash ./job.sh; fi
+exec bash ./job.sh > "rank-$rank.log" 2>&1
 """
 
 
@@ -80,7 +101,7 @@ class SlurmRunner(SSHRunner):
     # submitting
 
     def _launch_files(self, ctx: JobContext, jd: str) -> dict[str, tuple[bytes, int]]:
-        return {"slurm.sh": (SLURM_SH.encode(), 0o755)}
+        return {"slurm.sh": (SLURM_SH.encode(), 0o755), "rank.sh": (RANK_SH.encode(), 0o755)}
 
     def _launch_command(self, ctx: JobContext, jd: str) -> str:
         q = shlex.quote(jd)
@@ -176,7 +197,7 @@ def sbatch_args(cluster: SlurmCluster, ctx: JobContext, jd: str) -> list[str]:
     spec = ctx.spec
     res = spec.resources
     args = [f"--job-name=dstack-{ctx.run_name}-{spec.workflow}"[:100], f"--output={jd}/log", f"--chdir={jd}"]
-    args.append(f"--export=ALL,DSTACK_SLURM_JOB_DIR={jd}")
+    args.append(f"--export=ALL,DSTACK_GPUS_PER_NODE={res.gpu.count}")
     nodes = max(1, res.nodes)
     args += [f"--nodes={nodes}", "--ntasks-per-node=1"]
     if res.cpu:
