@@ -22,7 +22,7 @@ def gpu_matches(gpu_name: str, wanted: str | None) -> bool:
 
 def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
     """Why this runner could never run the job (None if it could, once free)."""
-    if cap.nodes or cap.queued:
+    if cap.queued:
         return _cluster_shortfall(cap, spec)
     res = spec.resources
     if spec.image and not cap.docker:
@@ -47,16 +47,35 @@ def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
 
 
 def _cluster_shortfall(cap: Capacity, spec: JobSpec) -> str | None:
-    """A cluster fits a job when `nodes` of its nodes each fit one node's share of it."""
+    """A cluster fits a job when one of its partitions does: `nodes` of its nodes each fit the job."""
     if spec.image and not cap.docker:
         return f"Docker (the job runs image {spec.image})"
-    whys = [shortfall(node, spec) for node in cap.nodes]
-    fit = sum(1 for why in whys if why is None)
+    if cap.queued:  # the cluster: some partition
+        whys = [_cluster_shortfall(p, spec) for p in cap.parts]
+        if any(why is None for why in whys) or not whys:
+            return None if whys else "partitions (none is up)"
+        closest = max(range(len(whys)), key=lambda i: (_fitting(cap.parts[i], spec), _size(cap.parts[i])))
+        return whys[closest]
+    fit = _fitting(cap, spec)
     if fit >= max(1, spec.resources.nodes):
         return None
     if fit:
         return f"nodes ({spec.resources.nodes} asked, {fit} that fit the job there)"
-    return next((why for why in whys if why), "nodes (none there)")
+    if not cap.parts:
+        return "nodes (none there)"
+    biggest = max(cap.parts, key=_size)
+    return shortfall(biggest, spec) or f"nodes ({spec.resources.nodes} asked, none fit the job there)"
+
+
+def _fitting(partition: Capacity, spec: JobSpec) -> int:
+    return sum(1 for node in partition.parts if shortfall(node, spec) is None)
+
+
+def _size(cap: Capacity) -> tuple[int, float, int]:
+    """How big a node (or a partition's biggest node) is, GPUs first."""
+    if cap.parts:
+        return max(_size(p) for p in cap.parts)
+    return (len(cap.gpus), cap.cpus, cap.memory_mib)
 
 
 def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[str, Any] | None:

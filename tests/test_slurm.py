@@ -233,3 +233,117 @@ def test_two_node_job_ranks_meet_through_master_addr(repo: Path, slurm_cluster: 
     [job] = jobs_of(repo, run)
     [rank1] = (slurm_cluster.login.dir / "home").glob(f".dstack/slurm/jobs/{job['id']}/rank-1.log")
     assert f"rank 1 on {match[2]} met rank 0 on {match[1]}" in rank1.read_text()
+
+
+# --- what sinfo/squeue print, read without a cluster (formats as Slurm 20.11 to 23.x print them) ------------
+
+SINFO = """\
+home=/home/alice
+version=slurm 20.11.9
+sacct=1
+--- partitions
+cpu|up|1-00:00:00|cpu*
+gpu|up|infinite|gpu
+old|down|infinite|old
+--- nodes
+c1|cpu|32|128000|(null)|idle
+c2|cpu|32|128000|(null)|alloc
+g1|gpu|16|64000|gpu:tesla_v100:4(S:0-1)|mix
+g2|gpu|16|64000+|gpu:a100:8,mps:100|drain*
+o1|old|4|8000|(null)|down*
+"""
+
+
+def _spec(**resources: object):
+    from dstack.specs import JobSpec
+
+    return JobSpec.model_validate({"workflow": "w", "resources": resources})
+
+
+def test_sinfo_output_becomes_partitions_nodes_and_capacity() -> None:
+    from dstack.backends.slurm_cluster import SlurmOptions, parse_cluster, parse_gres
+    from dstack.placement import reserve, shortfall
+
+    assert parse_gres("gpu:a100:4(S:0-1),gpu:2,mps:100") == [("a100", 4), ("", 2)]
+    cluster = parse_cluster(SINFO, SlurmOptions(), "alice@login")
+    assert cluster.version == "20.11.9" and cluster.sacct and cluster.root == "/home/alice/.dstack/slurm"
+    assert [p.name for p in cluster.partitions] == ["cpu", "gpu", "old"]  # the default first
+    assert cluster.summary() == "cpu: 1/2 nodes free, gpu: 0/2 nodes free"  # `old` is down
+    cap = cluster.capacity()  # g2 is drained and o1 down: neither counts
+    assert cap.queued and cap.cpus == 80 and [len(p.parts) for p in cap.parts] == [2, 1]
+    assert shortfall(cap, _spec(gpu={"count": 4, "name": "V100"})) is None
+    assert shortfall(cap, _spec(gpu={"count": 8})) == "GPUs (8 asked, 4 there)"
+    assert shortfall(cap, _spec(cpu=16, nodes=2)) is None  # both cpu nodes
+    assert shortfall(cap, _spec(cpu=16, nodes=3)) == "nodes (3 asked, 2 that fit the job there)"  # not across
+    assert reserve(cap, [{"cpu": 1000}], _spec(cpu=32)) == {}  # Slurm queues it: nothing held here
+    only_gpu = parse_cluster(SINFO, SlurmOptions(partition="gpu"), "alice@login")
+    assert shortfall(only_gpu.capacity(), _spec(cpu=32)) == "CPUs (32 asked, 16 there)"
+
+
+def test_not_a_login_node_and_a_missing_partition_are_one_line_errors() -> None:
+    from dstack.backends.slurm_cluster import SlurmOptions, parse_cluster
+    from dstack.errors import HostError
+
+    with pytest.raises(HostError, match="alice@box is no Slurm login node: sbatch, squeue not found"):
+        parse_cluster("missing=sbatch\nmissing=squeue\n" + SINFO, SlurmOptions(), "alice@box")
+    with pytest.raises(HostError, match="has no partition 'big'") as err:
+        parse_cluster(SINFO, SlurmOptions(partition="big"), "alice@login")
+    assert err.value.hint == "its partitions: cpu, gpu, old"
+
+
+@pytest.mark.parametrize(
+    ("lines", "status", "code", "reason"),
+    [
+        ("id 7\nsqueue PENDING|Priority", "running", None, "waiting in Slurm's queue: Priority"),
+        ("id 7\nsqueue RUNNING|None", "running", None, None),
+        ("id 7\nsqueue COMPLETING|None\nexit 0", "running", None, None),
+        ("id 7\nsqueue COMPLETED|None\nexit 0", "exited", 0, None),
+        ("id 7\nsqueue FAILED|NonZeroExitCode\nexit 3", "exited", 3, None),
+        ("id 7\nsqueue TIMEOUT|TimeLimit\nexit 143", "exited", 143, "Slurm ended it: TIMEOUT"),
+        ("id 7\nsqueue \nsacct CANCELLED by 0", "exited", 1, "Slurm ended it: CANCELLED"),
+        ("id 7\nsqueue NODE_FAIL|None", "lost", None, "Slurm ended it: NODE_FAIL"),
+        ("id 7\nsqueue PREEMPTED|None", "lost", None, "Slurm ended it: PREEMPTED"),
+        ("id 7\nsqueue \nexit 0", "exited", 0, None),  # purged from squeue, no accounting
+        ("id 7\nsqueue ", "lost", None, "Slurm no longer knows job 7"),
+        ("nodir", "lost", None, "the job's folder on the cluster is gone"),
+    ],
+)
+def test_slurm_states_become_job_states(
+    lines: str, status: str, code: int | None, reason: str | None
+) -> None:
+    from dstack.backends.slurm import job_state
+
+    state = job_state(lines)
+    assert (state.status, state.exit_code) == (status, code)
+    assert (state.reason or "").startswith(reason or "") and (reason is not None) == (
+        state.reason is not None
+    )
+
+
+def test_sbatch_options_come_from_resources_max_duration_and_the_cluster() -> None:
+    from dstack.backends.base import JobContext
+    from dstack.backends.slurm import sbatch_args
+    from dstack.backends.slurm_cluster import SlurmOptions, parse_cluster
+    from dstack.store.objects import Manifest
+
+    cluster = parse_cluster(SINFO, SlurmOptions(account="lab", qos="high", sbatch_args=["--exclusive"]), "x")
+    spec = _spec(cpu=1.5, memory_mib=4096, gpu={"count": 2, "name": "v100"}, nodes=1)
+    spec.max_duration_s = 90
+    ctx = JobContext("j1", "run-1", spec, Manifest(entries=[]), ".", [], None)  # type: ignore[arg-type]
+    args = sbatch_args(cluster, ctx, "/home/alice/.dstack/slurm/jobs/j1")
+    assert args == [
+        "--job-name=dstack-run-1-w",
+        "--output=/home/alice/.dstack/slurm/jobs/j1/log",
+        "--chdir=/home/alice/.dstack/slurm/jobs/j1",
+        "--export=ALL,DSTACK_GPUS_PER_NODE=2",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--mem=4096M",
+        "--gres=gpu:tesla_v100:2",
+        "--time=2",
+        "--partition=gpu",
+        "--account=lab",
+        "--qos=high",
+        "--exclusive",
+    ]

@@ -35,14 +35,15 @@ class Capacity:
     python: str = ""
     rsync: bool = False
     queued: bool = False  # the runner queues jobs itself (a Slurm cluster): placement reserves nothing on it
-    nodes: list[Capacity] = field(default_factory=list)  # a cluster's nodes: each job node must fit one
+    # what a cluster is made of: its partitions, and a partition's nodes (each node of a job must fit one)
+    parts: list[Capacity] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Capacity:
         """A Capacity from its `asdict` form (as stored in the hosts table)."""
         data = dict(data)
         data["gpus"] = [GpuInfo(**g) for g in data.get("gpus", [])]
-        data["nodes"] = [cls.from_json(n) for n in data.get("nodes", [])]
+        data["parts"] = [cls.from_json(n) for n in data.get("parts", [])]
         return cls(**data)
 
 

@@ -97,15 +97,25 @@ class SlurmCluster:
         return [p for p in self.partitions if p.up]
 
     def capacity(self) -> Capacity:
-        """The cluster as one runner: totals, plus each usable node's shape (placement fits a job to one)."""
-        nodes = {n.name: n for p in self.usable() for n in p.nodes if n.up}
-        shapes = [_node_capacity(n) for n in nodes.values()]
+        """The cluster as one runner: totals, and its usable partitions' nodes (placement fits jobs there)."""
+        parts = []
+        for p in self.usable():
+            shapes = [_node_capacity(n) for n in p.nodes if n.up]
+            parts.append(
+                Capacity(
+                    cpus=sum(n.cpus for n in shapes),
+                    memory_mib=sum(n.memory_mib for n in shapes),
+                    os=f"partition {p.name}",
+                    parts=shapes,
+                )
+            )
+        up = {n.name: n for p in self.usable() for n in p.nodes if n.up}
         return Capacity(
-            cpus=float(sum(n.cpus for n in nodes.values())),
-            memory_mib=sum(n.memory_mib for n in nodes.values()),
+            cpus=float(sum(n.cpus for n in up.values())),
+            memory_mib=sum(n.memory_mib for n in up.values()),
             os=f"Slurm {self.version}".strip(),
             queued=True,
-            nodes=shapes,
+            parts=parts,
         )
 
     def summary(self) -> str:
