@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,6 +39,11 @@ workflows:
     nodes: 2
     commands:
       - python rendezvous.py
+  - name: fragile
+    retry: 1
+    commands:
+      - echo "attempt on $(hostname)"
+      - sleep 600
   - name: huge
     resources: {cpu: 64}
     commands: [echo never]
@@ -198,6 +204,38 @@ def test_a_job_that_fits_no_node_is_refused(repo: Path) -> None:
     assert "cluster: not enough CPUs (64 asked, 2 there)" in res.err
 
 
+def _wait(what, timeout: float = 30, step: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while not (found := what()) and time.monotonic() < deadline:
+        time.sleep(step)
+    return found
+
+
+def test_node_failure_ends_the_job_with_node_fail_and_retry_submits_it_again(
+    repo: Path, slurm_cluster: SlurmCluster
+) -> None:
+    dstack("run", "fragile", "--host", "cluster", "-d", cwd=repo)
+    run = last_run(repo)["name"]
+    assert _wait(lambda: "attempt on" in dstack("logs", run, cwd=repo).out)
+    [first] = [line.split() for line in slurm_cluster.queue() if "dstack-" in line]
+    node = slurm_cluster.run("squeue", "-h", "-j", first[0], "-o", "%N").strip()
+    slurm_cluster.run("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=dstack-test")
+    try:
+        again = _wait(lambda: [ln for ln in slurm_cluster.queue() if "dstack-" in ln and first[0] not in ln])
+        assert again, "dstack did not submit the job again"
+        [job] = jobs_of(repo, run)
+        assert (
+            "attempt 1 failed (Slurm ended it: NODE_FAIL" in (job["reason"] or "")
+            or job["status"] == "running"
+        )
+        assert _wait(lambda: dstack("logs", run, cwd=repo).out.count("attempt on") == 2)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=slurm_cluster.env(),
+                       capture_output=True, timeout=30)  # fmt: skip
+    dstack("stop", run, cwd=repo, timeout=60)
+    assert slurm_cluster.queue() == []
+
+
 @pytest.mark.timeout(200)
 def test_over_max_duration_fails_saying_timeout(repo: Path, slurm_cluster: SlurmCluster) -> None:
     """`--time` counts minutes: a 1-minute limit, and slurmctld checks limits every 30 s (so 60-95 s)."""
@@ -335,6 +373,8 @@ def test_sbatch_options_come_from_resources_max_duration_and_the_cluster() -> No
         "--job-name=dstack-run-1-w",
         "--output=/home/alice/.dstack/slurm/jobs/j1/log",
         "--chdir=/home/alice/.dstack/slurm/jobs/j1",
+        "--open-mode=append",
+        "--no-requeue",
         "--export=ALL,DSTACK_GPUS_PER_NODE=2",
         "--nodes=1",
         "--ntasks-per-node=1",

@@ -197,6 +197,8 @@ def sbatch_args(cluster: SlurmCluster, ctx: JobContext, jd: str) -> list[str]:
     spec = ctx.spec
     res = spec.resources
     args = [f"--job-name=dstack-{ctx.run_name}-{spec.workflow}"[:100], f"--output={jd}/log", f"--chdir={jd}"]
+    # another attempt appends to the log; Slurm does not re-run a job itself (dstack's `retry` decides)
+    args += ["--open-mode=append", "--no-requeue"]
     args.append(f"--export=ALL,DSTACK_GPUS_PER_NODE={res.gpu.count}")
     nodes = max(1, res.nodes)
     args += [f"--nodes={nodes}", "--ntasks-per-node=1"]
