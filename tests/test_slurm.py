@@ -181,7 +181,9 @@ def test_stop_leaves_squeue_empty(repo: Path, slurm_cluster: SlurmCluster) -> No
 
 def test_queued_job_waits_with_slurms_reason(repo: Path, slurm_cluster: SlurmCluster) -> None:
     # hold both nodes' CPUs with a job outside dstack: dstack's job must queue, not be refused or held back
-    blocker = slurm_cluster.run("sbatch", "--parsable", "-N2", "--exclusive", "--wrap", "sleep 60").strip()
+    blocker = slurm_cluster.run(
+        "sbatch", "--parsable", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 60"
+    ).strip()
     try:
         dstack("run", "sleepy", "--secs", "1", "--host", "cluster", "-d", cwd=repo)
         run = last_run(repo)["name"]

@@ -10,7 +10,9 @@ scancel (and sacct where accounting is on) on the login node.
 from __future__ import annotations
 
 import math
+import os
 import shlex
+import time
 from typing import TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState
@@ -22,6 +24,10 @@ if TYPE_CHECKING:
     from dstack.specs import JobSpec
     from dstack.ssh.config import SSHTarget
     from dstack.store.hosts import Host
+
+# how often a job's state is asked of Slurm (squeue is the controller's load: never in a tight loop)
+POLL_RUNNING_S = float(os.environ.get("DSTACK_SLURM_POLL_S", "1"))
+POLL_QUEUED_S = float(os.environ.get("DSTACK_SLURM_QUEUED_POLL_S", "5"))
 
 # Slurm states (squeue %T, sacct State) by what they mean for the job
 WAITING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED")
@@ -87,6 +93,7 @@ class SlurmRunner(SSHRunner):
     def __init__(self, name: str, target: SSHTarget, cluster: SlurmCluster) -> None:
         super().__init__(name, target, cluster.root)
         self.cluster = cluster
+        self._polled: dict[str, tuple[float, JobState]] = {}  # job -> (when, what squeue said)
 
     @classmethod
     def for_host(cls, host: Host, root: str | None = None) -> SlurmRunner:
@@ -118,6 +125,18 @@ class SlurmRunner(SSHRunner):
     # watching
 
     def poll_job(self, job_id: str) -> JobState:
+        """The job's state, asking squeue at most every POLL_RUNNING_S (POLL_QUEUED_S while it waits)."""
+        last = self._polled.get(job_id)
+        if last is not None:
+            at, state = last
+            every = POLL_QUEUED_S if state.reason else POLL_RUNNING_S
+            if state.status == "running" and time.monotonic() - at < every:
+                return state
+        state = self._poll(job_id)
+        self._polled[job_id] = (time.monotonic(), state)
+        return state
+
+    def _poll(self, job_id: str) -> JobState:
         q = shlex.quote(self.job_dir(job_id))
         sacct = (
             'echo "sacct $(sacct -n -X -P -j "$id" -o State 2>/dev/null | head -n 1)"; '

@@ -45,6 +45,26 @@ class SlurmOptions:
     workdir: str | None = None  # the jobs' folder on the shared filesystem (default ~/.dstack/slurm)
 
 
+def options_from_cli(
+    slurm: bool,
+    partition: str | None,
+    account: str | None,
+    qos: str | None,
+    sbatch_args: list[str] | None,
+    workdir: str | None,
+) -> SlurmOptions | None:
+    """The Slurm options of `hosts add`, or None without --slurm (UsageError if some are given alone)."""
+    from dstack.errors import UsageError
+
+    named = (("--partition", partition), ("--account", account), ("--qos", qos))
+    given = [n for n, v in (*named, ("--sbatch-arg", sbatch_args), ("--workdir", workdir)) if v]
+    if not slurm:
+        if given:
+            raise UsageError(f"{given[0]} is for Slurm clusters", hint="add --slurm")
+        return None
+    return SlurmOptions(partition, account, qos, list(sbatch_args or []), workdir)
+
+
 @dataclass
 class SlurmNode:
     name: str

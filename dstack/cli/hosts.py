@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 
 from dstack.cli import new_app
-
-if TYPE_CHECKING:
-    from dstack.backends.slurm_cluster import SlurmOptions
 
 app = new_app(
     help="Runners: this machine (`local`), your hosts over SSH, and EC2 instances dstack launched.",
@@ -147,6 +142,7 @@ def add(
     """Register a host reached over SSH: pin its key, probe its CPUs, memory, GPUs and Docker.
 
     With --slurm, the cluster behind a login node: its partitions and nodes, one runner for all of them."""
+    from dstack.backends.slurm_cluster import options_from_cli
     from dstack.cli import ui
     from dstack.hosts import add_host
     from dstack.store.state import open_state
@@ -170,7 +166,7 @@ def add(
             identity=identity,
             accept=accept,
             proxy_jump=proxy_jump,
-            slurm=_slurm_options(slurm, partition, account, qos, sbatch_args, workdir),
+            slurm=options_from_cli(slurm, partition, account, qos, sbatch_args, workdir),
         )
     if host.kind == "slurm":
         from dstack.backends.slurm_cluster import SlurmCluster
@@ -189,36 +185,6 @@ def add(
         if cap
         else f"Added host {host.name}."
     )
-
-
-def _slurm_options(
-    slurm: bool,
-    partition: str | None,
-    account: str | None,
-    qos: str | None,
-    sbatch_args: list[str] | None,
-    workdir: str | None,
-) -> SlurmOptions | None:
-    """The Slurm options of `hosts add`, or None without --slurm (UsageError if some are given alone)."""
-    from dstack.backends.slurm_cluster import SlurmOptions
-    from dstack.errors import UsageError
-
-    given = [
-        n
-        for n, v in (
-            ("--partition", partition),
-            ("--account", account),
-            ("--qos", qos),
-            ("--sbatch-arg", sbatch_args),
-            ("--workdir", workdir),
-        )
-        if v
-    ]
-    if not slurm:
-        if given:
-            raise UsageError(f"{given[0]} is for Slurm clusters", hint="add --slurm")
-        return None
-    return SlurmOptions(partition, account, qos, list(sbatch_args or []), workdir)
 
 
 @app.command("check")
