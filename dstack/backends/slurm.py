@@ -61,7 +61,11 @@ trap on_stop TERM INT
 nodes=${SLURM_JOB_NUM_NODES:-1}
 ips=""
 for name in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null || hostname); do
-  ip=$(getent hosts "$name" | awk '{print $1; exit}')
+  addr=$(scontrol show node -o "$name" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+  case "${addr:-$name}" in
+  *[!0-9.]*) ip=$(getent ahostsv4 "${addr:-$name}" | awk '{print $1; exit}') ;;  # IPv4 only: no AAAA wait
+  *) ip=$addr ;;
+  esac
   ips="${ips:+$ips,}${ip:-$name}"
 done
 export DSTACK_NODES_NUM=$nodes WORLD_SIZE=$nodes DSTACK_NODES_IPS=$ips
