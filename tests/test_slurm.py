@@ -389,3 +389,26 @@ def test_sbatch_options_come_from_resources_max_duration_and_the_cluster() -> No
         "--qos=high",
         "--exclusive",
     ]
+
+
+def test_with_an_s3_store_the_cluster_fetches_and_uploads_itself_and_a_second_run_ships_nothing(
+    repo: Path, slurm_cluster: SlurmCluster, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+    dstack_home: Path,
+) -> None:  # fmt: skip
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    s3 = request.getfixturevalue("s3_server")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    url = s3.new_url()
+    dstack("config", "storage", url, "--endpoint-url", s3.endpoint_url, "--region", "us-east-1", cwd=repo)
+    dstack("run", "hi", "--host", "cluster", cwd=repo, timeout=90)
+    run = last_run(repo)["name"]
+    log = dstack("logs", run, cwd=repo).out
+    assert f"fetched by cluster from {url} directly" in log, log
+    orchestrator_log = "".join(p.read_text() for p in (dstack_home / "runs").glob("*.log"))
+    assert f"uploaded by the host to {url}" in orchestrator_log, orchestrator_log[-2000:]
+    dstack("artifacts", "download", run, "-o", str(repo / "got"), cwd=repo)
+    assert (repo / "got" / "out" / "where").read_text().strip() in slurm_cluster.nodes
+    dstack("run", "hi", "--host", "cluster", "--force", cwd=repo, timeout=90)  # the code is in the cache
+    assert "dstack: inputs: all in cluster's cache" in dstack("logs", last_run(repo)["name"], cwd=repo).out
