@@ -223,7 +223,9 @@ def test_node_failure_ends_the_job_with_node_fail_and_retry_submits_it_again(
     node = slurm_cluster.run("squeue", "-h", "-j", first[0], "-o", "%N").strip()
     slurm_cluster.run("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=dstack-test")
     try:
-        again = _wait(lambda: [ln for ln in slurm_cluster.queue() if "dstack-" in ln and first[0] not in ln])
+        again = _wait(
+            lambda: [j for j in slurm_cluster.queue() if "dstack-" in j and j.split()[0] != first[0]]
+        )
         assert again, "dstack did not submit the job again"
         [job] = jobs_of(repo, run)
         assert (
@@ -401,6 +403,7 @@ def test_with_an_s3_store_the_cluster_fetches_and_uploads_itself_and_a_second_ru
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     url = s3.new_url()
+    (repo / "unique.txt").write_text(url)  # an object the cluster's cache has never seen
     dstack("config", "storage", url, "--endpoint-url", s3.endpoint_url, "--region", "us-east-1", cwd=repo)
     dstack("run", "hi", "--host", "cluster", cwd=repo, timeout=90)
     run = last_run(repo)["name"]

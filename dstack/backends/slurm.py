@@ -148,7 +148,7 @@ class SlurmRunner(SSHRunner):
             else ""
         )
         out = self.conn.run(
-            f"cd {q} 2>/dev/null || {{ echo nodir; exit 0; }}; id=$(cat slurm_id 2>/dev/null); "
+            f"cd {q} 2>/dev/null || {{ echo nodir; exit 0; }}; id=$(cut -d';' -f1 slurm_id 2>/dev/null); "
             'if [ -n "$id" ]; then echo "id $id"; '
             'echo "squeue $(squeue -h -t all -j "$id" -o \'%T|%r\' 2>/dev/null | head -n 1)"; '
             f'{sacct}fi; [ -f exit ] && echo "exit $(cat exit)"; exit 0',
@@ -160,20 +160,17 @@ class SlurmRunner(SSHRunner):
         return {j: self.poll_job(j) for j in job_ids}
 
     def stop_job(self, job_id: str) -> None:
-        """`scancel` the job and wait (up to 30 s) until `squeue` no longer lists it."""
+        """`scancel` the job and wait (up to 30 s) until `squeue` no longer lists it.
+
+        (sbatch --parsable prints `ID` or `ID;CLUSTER`: the id is the part before any `;`.)"""
         q = shlex.quote(self.job_dir(job_id))
         self.conn.run(
-            f'id=$(cat {q}/slurm_id 2>/dev/null) && [ -n "$id" ] || exit 0; scancel "$id" 2>/dev/null; '
+            f'id=$(cut -d";" -f1 {q}/slurm_id 2>/dev/null) && [ -n "$id" ] || exit 0; '
+            'scancel "$id" 2>/dev/null; '
             'for _ in $(seq 150); do [ -z "$(squeue -h -j "$id" -o %T 2>/dev/null)" ] && exit 0; '
             "sleep 0.2; done; exit 0",
             timeout=60,
         )
-
-    def slurm_id(self, job_id: str) -> str | None:
-        """Slurm's job id for a dstack job (None before it was submitted)."""
-        q = shlex.quote(self.job_dir(job_id))
-        out = self.conn.run(f"cat {q}/slurm_id 2>/dev/null; exit 0", timeout=30).stdout.strip()
-        return out.split(";")[0] or None
 
 
 def job_state(output: str) -> JobState:
