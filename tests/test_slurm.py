@@ -275,6 +275,11 @@ def test_two_node_job_ranks_meet_through_master_addr(repo: Path, slurm_cluster: 
     [job] = jobs_of(repo, run)
     [rank1] = (slurm_cluster.login.dir / "home").glob(f".dstack/slurm/jobs/{job['id']}/rank-1.log")
     assert f"rank 1 on {match[2]} met rank 0 on {match[1]}" in rank1.read_text()
+    assert (
+        f"rank 1 on {match[2]} met rank 0 on {match[1]}" in dstack("logs", run, "--rank", "1", cwd=repo).out
+    )
+    res = dstack("logs", run, "--rank", "2", cwd=repo, check=False)
+    assert res.code != 0 and f"run {run} has no job with a rank 2" in res.err
 
 
 # --- what sinfo/squeue print, read without a cluster (formats as Slurm 20.11 to 23.x print them) ------------

@@ -114,5 +114,11 @@ class Runner(ABC):
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
         """Remove the job's working directory (its log and exit code stay until the runner prunes them)."""
 
+    def read_rank_log(self, job_id: str, rank: int, offset: int) -> bytes:
+        """Rank `rank`'s output of a multi-node job from byte `offset` on (rank 0's is `read_log`)."""
+        from dstack.errors import UsageError
+
+        raise UsageError(f"{self.name} runs no multi-node jobs: it keeps no logs of other ranks")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

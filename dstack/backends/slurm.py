@@ -159,6 +159,13 @@ class SlurmRunner(SSHRunner):
     def poll_jobs(self, job_ids: list[str]) -> dict[str, JobState]:
         return {j: self.poll_job(j) for j in job_ids}
 
+    def read_rank_log(self, job_id: str, rank: int, offset: int) -> bytes:
+        from dstack.ssh import process
+
+        if rank == 0:
+            return self.read_log(job_id, offset)
+        return process.read_file(self.conn, f"{self.job_dir(job_id)}/rank-{int(rank)}.log", offset)
+
     def stop_job(self, job_id: str) -> None:
         """`scancel` the job and wait (up to 30 s) until `squeue` no longer lists it.
 
