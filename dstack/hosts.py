@@ -18,6 +18,7 @@ from dstack.store import hosts as store
 from dstack.store.hosts import Host
 
 if TYPE_CHECKING:
+    from dstack.backends.slurm_cluster import SlurmOptions
     from dstack.ssh.config import SSHTarget
     from dstack.ssh.connection import Connection
 
@@ -156,10 +157,12 @@ def add_host(
     identity: str | None = None,
     accept: AcceptKey | None = None,
     proxy_jump: str | None = None,
+    slurm: SlurmOptions | None = None,
 ) -> Host:
     """Register an SSH host: resolve `user@host[:port]` via ~/.ssh/config, connect, pin its key, probe, store.
 
     `accept(fingerprint)` is asked the first time a host key is seen; without it an unknown key is refused.
+    With `slurm`, the host is a Slurm cluster's login node and the cluster is registered as one runner.
     """
     from dstack.ssh.config import resolve_target
     from dstack.ssh.connection import get_connection
@@ -174,11 +177,19 @@ def add_host(
             hint=f"pass --name, or `dstack hosts remove {name}` first",
         )
     conn = get_connection(target, name=name, accept=accept)
-    capacity = probe(conn)
+    cloud = None
+    if slurm is not None:
+        from dstack.backends.slurm_cluster import read_cluster
+
+        cluster = read_cluster(conn, slurm, address)
+        capacity, cloud = cluster.capacity(), cluster.to_json()
+    else:
+        capacity = probe(conn)
     now = time.time()
     host = Host(
         name=name,
-        kind="ssh",
+        kind="slurm" if slurm is not None else "ssh",
+        cloud=cloud,
         user=target.user,
         hostname=target.hostname,
         port=target.port,
@@ -202,7 +213,14 @@ def check_host(db: sqlite3.Connection, name: str) -> Host:
     host = get(db, name)
     try:
         conn = connect(host)
-        capacity = probe(conn)
+        if host.kind == "slurm":
+            from dstack.backends.slurm_cluster import SlurmCluster, read_cluster
+
+            cluster = read_cluster(conn, SlurmCluster.from_json(host.cloud).options, host.address or name)
+            capacity = cluster.capacity()
+            store.save_cloud(db, name, cluster.to_json())
+        else:
+            capacity = probe(conn)
     except DstackError as exc:
         store.mark_unreachable(db, name, str(exc))
     else:
@@ -212,7 +230,7 @@ def check_host(db: sqlite3.Connection, name: str) -> Host:
 
 def check_hosts(db: sqlite3.Connection) -> list[Host]:
     """Probe every SSH host (see `check_host`)."""
-    return [check_host(db, h.name) for h in store.list_hosts(db) if h.kind == "ssh"]
+    return [check_host(db, h.name) for h in store.list_hosts(db) if h.kind in ("ssh", "slurm")]
 
 
 def remove_host(db: sqlite3.Connection, name: str) -> Host:
@@ -225,7 +243,8 @@ def remove_host(db: sqlite3.Connection, name: str) -> Host:
         )
     host = get(db, name)
     store.delete_host(db, name)
-    if host.kind == "ssh" and host.hostname and not store.hosts_at(db, host.hostname, host.port or 22):
+    shared = host.hostname and store.hosts_at(db, host.hostname, host.port or 22)
+    if host.kind in ("ssh", "slurm") and host.hostname and not shared:
         unpin_key(target_of(host))
     return host
 

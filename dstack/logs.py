@@ -119,3 +119,38 @@ def _read_from(path: str | None, offset: int) -> bytes:
             return f.read()
     except FileNotFoundError:
         return b""
+
+
+def follow_rank(
+    state: State, run_id: str, rank: int, follow: bool = True, poll: float = 0.5
+) -> Iterator[bytes]:
+    """Rank `rank`'s output of the run's multi-node jobs, read from their runner; `follow`: to the end."""
+    from dstack.errors import UsageError
+    from dstack.runners import open_runner
+    from dstack.specs import JobSpec
+
+    run = state.run(run_id)
+    jobs = [j for j in state.jobs(run_id) if JobSpec.model_validate(j.spec).resources.nodes > rank]
+    if not jobs or rank < 0:
+        raise UsageError(
+            f"run {run.name} has no job with a rank {rank}", hint="a `nodes: N` job has ranks 0 to N-1"
+        )
+    for job in jobs:
+        offset = 0
+        while True:
+            job = state.job(job.id)
+            if job.runner is None:
+                if not follow or job.status not in ("pending", "waiting", "starting"):
+                    break
+                time.sleep(poll)
+                continue
+            runner = open_runner(state, job.runner)
+            try:
+                while data := runner.read_rank_log(job.id, rank, offset):
+                    offset += len(data)
+                    yield data
+            finally:
+                runner.close()
+            if not follow or job.status not in ("pending", "waiting", "starting", "running"):
+                break
+            time.sleep(poll)

@@ -300,6 +300,8 @@ class Orchestrator:
                 self._mirror_log(runner, job)  # back: catch up on what it printed meanwhile
         state = track_metrics(runner, job, state)  # mirror its samples; names an OOM kill (dstack.metrics)
         if state.status == "running":
+            if state.reason != job.reason:  # what the runner says of it (Slurm: why it waits in its queue)
+                self.state.transition(job.id, ("running",), reason=state.reason)
             self._sync_real_time(runner, job)
             from dstack.inactivity import stop_if_idle
 

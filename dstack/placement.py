@@ -22,6 +22,8 @@ def gpu_matches(gpu_name: str, wanted: str | None) -> bool:
 
 def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
     """Why this runner could never run the job (None if it could, once free)."""
+    if cap.queued:
+        return _cluster_shortfall(cap, spec)
     res = spec.resources
     if spec.image and not cap.docker:
         return f"Docker (the job runs image {spec.image})"
@@ -44,8 +46,42 @@ def shortfall(cap: Capacity, spec: JobSpec) -> str | None:
     return None
 
 
+def _cluster_shortfall(cap: Capacity, spec: JobSpec) -> str | None:
+    """A cluster fits a job when one of its partitions does: `nodes` of its nodes each fit the job."""
+    if spec.image and not cap.docker:
+        return f"Docker (the job runs image {spec.image})"
+    if cap.queued:  # the cluster: some partition
+        whys = [_cluster_shortfall(p, spec) for p in cap.parts]
+        if any(why is None for why in whys) or not whys:
+            return None if whys else "partitions (none is up)"
+        closest = max(range(len(whys)), key=lambda i: (_fitting(cap.parts[i], spec), _size(cap.parts[i])))
+        return whys[closest]
+    fit = _fitting(cap, spec)
+    if fit >= max(1, spec.resources.nodes):
+        return None
+    if fit:
+        return f"nodes ({spec.resources.nodes} asked, {fit} that fit the job there)"
+    if not cap.parts:
+        return "nodes (none there)"
+    biggest = max(cap.parts, key=_size)
+    return shortfall(biggest, spec) or f"nodes ({spec.resources.nodes} asked, none fit the job there)"
+
+
+def _fitting(partition: Capacity, spec: JobSpec) -> int:
+    return sum(1 for node in partition.parts if shortfall(node, spec) is None)
+
+
+def _size(cap: Capacity) -> tuple[int, float, int]:
+    """How big a node (or a partition's biggest node) is, GPUs first."""
+    if cap.parts:
+        return max(_size(p) for p in cap.parts)
+    return (len(cap.gpus), cap.cpus, cap.memory_mib)
+
+
 def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[str, Any] | None:
     """What the job would hold on this runner now, or None if too much is taken."""
+    if cap.queued:
+        return {}  # the runner's own scheduler (Slurm) queues it: never second-guessed here
     res = spec.resources
     cpu = cpu_request(spec)
     used_cpu = sum(h.get("cpu", 0) for h in held)

@@ -25,7 +25,7 @@ def local_enabled(state: State) -> bool:
 
 def available_slots(state: State, local_capacity: Capacity | None) -> list[Slot]:
     """Enabled runners that answered at their last check."""
-    from dstack.backends.base import Capacity, GpuInfo
+    from dstack.backends.base import Capacity
 
     slots = []
     if local_enabled(state) and local_capacity is not None:
@@ -34,9 +34,7 @@ def available_slots(state: State, local_capacity: Capacity | None) -> list[Slot]
         "SELECT name, capacity FROM hosts WHERE kind != 'local' AND enabled = 1 AND status = 'ready' "
         "AND capacity IS NOT NULL"
     ):
-        data = json.loads(row["capacity"])
-        data["gpus"] = [GpuInfo(**g) for g in data.get("gpus", [])]
-        slots.append(Slot(row["name"], Capacity(**data)))
+        slots.append(Slot(row["name"], Capacity.from_json(json.loads(row["capacity"]))))
     return slots
 
 
@@ -46,6 +44,13 @@ def open_runner(state: State, name: str) -> Runner:
         from dstack.backends.local import LocalRunner
 
         return LocalRunner()
+    from dstack.store.hosts import get_host
+
+    host = get_host(state.db, name)
+    if host is not None and host.kind == "slurm":
+        from dstack.backends.slurm import SlurmRunner
+
+        return SlurmRunner.for_host(host)
     from dstack.backends.ssh import SSHRunner  # type: ignore[import-not-found,unused-ignore]
 
     return SSHRunner.for_runner(state, name)  # type: ignore[no-any-return,unused-ignore]

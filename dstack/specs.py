@@ -92,6 +92,7 @@ class JobSpec(_Model):
     ports: PortsSpec = Field(default_factory=PortsSpec)
     retry: RetrySpec | None = None
     inactivity_s: float | None = None  # stop after this long with no connection to its ports; 0: never
+    max_duration_s: int | None = None  # `max_duration`: the runner ends the job after it (Slurm: --time)
     python: PythonSpec | None = None
     variables: dict[str, str] = Field(default_factory=dict)  # the workflow's resolved variables
     help: str | None = None

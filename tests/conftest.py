@@ -11,6 +11,7 @@ import pytest
 from dockerd import busybox_image, docker_engine, ml_image, python_image  # noqa: F401  (fixtures)
 from helpers import DstackCliRunner, init_repo
 from s3server import s3_server, s3_url  # noqa: F401  (one SeaweedFS for the whole session)
+from slurm import slurm_cluster_fixture  # noqa: F401  (a real Slurm cluster, started once)
 from sshd import ssh_keys_fixture, ssh_pool_fixture, sshd_factory_fixture, sshd_fixture  # noqa: F401
 
 MakeRepo = Callable[..., Path]

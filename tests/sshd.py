@@ -136,7 +136,10 @@ class SSHDFactory:
         _keygen(path / "host_ed25519")
         return path
 
-    def _config(self, path: Path, host: str, port: int, sftp: bool = True) -> None:
+    def _config(
+        self, path: Path, host: str, port: int, sftp: bool = True, env: dict[str, str] | None = None
+    ) -> None:
+        extra = "".join(f" {k}={v}" for k, v in (env or {}).items())
         (path / "sshd_config").write_text(
             f"Port {port}\nListenAddress {host}\nHostKey {path}/host_ed25519\nPidFile {path}/sshd.pid\n"
             f"AuthorizedKeysFile {path}/authorized_keys/%u\nStrictModes no\nPasswordAuthentication no\n"
@@ -145,15 +148,18 @@ class SSHDFactory:
             + "AllowTcpForwarding yes\nMaxSessions 64\nMaxStartups 100\n"
             "ClientAliveInterval 0\nLogLevel ERROR\n"
             # each server is its own machine: ~/.dstack there (caches, jobs) is not the tester's
-            f"SetEnv HOME={path}/home\n"
+            f"SetEnv HOME={path}/home{extra}\n"
         )
         (path / "home").mkdir(exist_ok=True)
 
-    def loopback(self, port: int | None = None, sftp: bool = True) -> SSHServer:
-        """An sshd on 127.0.0.1 at a free port (`sftp=False`: without the SFTP subsystem, as hardened boxes)."""
+    def loopback(
+        self, port: int | None = None, sftp: bool = True, env: dict[str, str] | None = None
+    ) -> SSHServer:
+        """An sshd on 127.0.0.1 at a free port (`sftp=False`: without the SFTP subsystem, as hardened boxes;
+        `env`: more variables its sessions get)."""
         path = self._server_dir()
         port = port or _free_port()
-        self._config(path, "127.0.0.1", port, sftp=sftp)
+        self._config(path, "127.0.0.1", port, sftp=sftp, env=env)
         server = SSHServer("127.0.0.1", port, self.user, self.client_key, path)
         server.start()
         self.servers.append(server)

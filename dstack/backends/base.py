@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -34,6 +34,17 @@ class Capacity:
     os: str = ""
     python: str = ""
     rsync: bool = False
+    queued: bool = False  # the runner queues jobs itself (a Slurm cluster): placement reserves nothing on it
+    # what a cluster is made of: its partitions, and a partition's nodes (each node of a job must fit one)
+    parts: list[Capacity] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Capacity:
+        """A Capacity from its `asdict` form (as stored in the hosts table)."""
+        data = dict(data)
+        data["gpus"] = [GpuInfo(**g) for g in data.get("gpus", [])]
+        data["parts"] = [cls.from_json(n) for n in data.get("parts", [])]
+        return cls(**data)
 
 
 @dataclass
@@ -113,6 +124,12 @@ class Runner(ABC):
         from dstack.ports import read_local_tcp_table
 
         return read_local_tcp_table()
+
+    def read_rank_log(self, job_id: str, rank: int, offset: int) -> bytes:
+        """Rank `rank`'s output of a multi-node job from byte `offset` on (rank 0's is `read_log`)."""
+        from dstack.errors import UsageError
+
+        raise UsageError(f"{self.name} runs no multi-node jobs: it keeps no logs of other ranks")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -92,7 +92,7 @@ class SSHRunner(Runner):
 
     def start_job(self, ctx: JobContext) -> None:
         from dstack.backends.local import requirements_digest
-        from dstack.ssh import direct, process, transfer
+        from dstack.ssh import direct, transfer
 
         conn = self.conn
         jd = self.job_dir(ctx.job_id)
@@ -127,15 +127,32 @@ class SSHRunner(Runner):
             "sampler.py": (sampler_source().encode(), 0o644),  # metrics, started by run.sh
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
             ".files": (transfer.materialize_records(placed), 0o600),
+            **self._launch_files(ctx, jd),
         }
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
         q = shlex.quote(jd)
-        conn.run_with_writer(
+        result = conn.run_with_writer(
             f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && "
             f"{transfer.materialize_command(self.root, jd)} < {q}/.files && rm -f {q}/.files && "
-            f"{process.launch_command(jd)}",
+            f"{self._launch_command(ctx, jd)}",
             lambda stdin: _write_tar(stdin, files),
         )
+        self._launched(ctx, result.stdout)
+
+    # how the laid-out job is started: detached here; a subclass submits it to a scheduler instead
+
+    def _launch_files(self, ctx: JobContext, jd: str) -> dict[str, tuple[bytes, int]]:
+        """More files for the job's directory (beside env.sh, job.sh and run.sh)."""
+        return {}
+
+    def _launch_command(self, ctx: JobContext, jd: str) -> str:
+        """The shell command that starts the laid-out job."""
+        from dstack.ssh import process
+
+        return process.launch_command(jd)
+
+    def _launched(self, ctx: JobContext, output: str) -> None:
+        """What the launch command printed (nothing to do for a detached process)."""
 
     def _fetch_from_bucket(
         self, s3: S3ObjectStore, sizes: dict[str, int], ship: ShipResult

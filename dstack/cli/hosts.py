@@ -72,6 +72,10 @@ def hosts(
             where = f"{c.get('instance_type')} {'spot' if c.get('spot') else 'on-demand'} ${c.get('price')}/h"
             if c.get("idle_s") is not None:
                 where += f", idle {int(c['idle_s'])}s"
+        if h.kind == "slurm":
+            from dstack.backends.slurm_cluster import SlurmCluster
+
+            where += f" ({SlurmCluster.from_json(h.cloud).summary()})"
         status = h.status if h.enabled else "disabled"
         rows.append(
             [
@@ -149,8 +153,19 @@ def add(
     identity: str = typer.Option(None, "-i", "--identity", help="The private key to log in with."),
     proxy_jump: str = typer.Option(None, "-J", "--proxy-jump", help="Jump through this host."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Accept the host's key without asking."),
+    slurm: bool = typer.Option(
+        False, "--slurm", help="It is a Slurm cluster's login node: jobs go via sbatch."
+    ),
+    partition: str = typer.Option(None, "--partition", help="Slurm: submit to this partition only."),
+    account: str = typer.Option(None, "--account", help="Slurm: charge jobs to this account."),
+    qos: str = typer.Option(None, "--qos", help="Slurm: the jobs' quality of service."),
+    sbatch_args: list[str] = typer.Option(None, "--sbatch-arg", help="Slurm: one more sbatch option."),
+    workdir: str = typer.Option(None, "--workdir", help="Slurm: jobs' folder (default ~/.dstack/slurm)."),
 ) -> None:
-    """Register a host reached over SSH: pin its key, probe its CPUs, memory, GPUs and Docker."""
+    """Register a host reached over SSH: pin its key, probe its CPUs, memory, GPUs and Docker.
+
+    With --slurm, the cluster behind a login node: its partitions and nodes, one runner for all of them."""
+    from dstack.backends.slurm_cluster import options_from_cli
     from dstack.cli import ui
     from dstack.hosts import add_host
     from dstack.store.state import open_state
@@ -167,7 +182,23 @@ def add(
         return typer.confirm("Trust it and pin it?", default=False)
 
     with open_state() as state:
-        host = add_host(state.db, address, name=name, identity=identity, accept=accept, proxy_jump=proxy_jump)
+        host = add_host(
+            state.db,
+            address,
+            name=name,
+            identity=identity,
+            accept=accept,
+            proxy_jump=proxy_jump,
+            slurm=options_from_cli(slurm, partition, account, qos, sbatch_args, workdir),
+        )
+    if host.kind == "slurm":
+        from dstack.backends.slurm_cluster import SlurmCluster
+
+        cluster = SlurmCluster.from_json(host.cloud)
+        ui.info(
+            f"Added Slurm cluster [bold]{host.name}[/bold] (Slurm {cluster.version}): {cluster.summary()}"
+        )
+        return
     cap = host.capacity
     gpus = f", {len(cap.gpus)} GPU(s)" if cap and cap.gpus else ""
     ui.info(
@@ -189,7 +220,11 @@ def check(name: str = typer.Argument(None, help="One host (default: all).")) -> 
     with open_state() as state:
         items = [check_host(state.db, name)] if name else check_hosts(state.db)
     for h in items:
-        if h.status == "ready":
+        if h.status == "ready" and h.kind == "slurm":
+            from dstack.backends.slurm_cluster import SlurmCluster
+
+            ui.info(f"{h.name}: [green]ready[/green] {SlurmCluster.from_json(h.cloud).summary()}")
+        elif h.status == "ready":
             ui.info(f"{h.name}: [green]ready[/green]")
         else:
             ui.info(f"{h.name}: [red]{h.status}[/red] {h.last_error or ''}")

@@ -234,6 +234,7 @@ def jobs(
 def logs(
     run: str = typer.Argument(..., help="Run name or prefix."),
     follow_: bool = typer.Option(False, "-f", "--follow", help="Follow the output until the run ends."),
+    rank: int = typer.Option(0, "--rank", help="A multi-node job's rank N (rank 0's log is the run's)."),
 ) -> None:
     from dstack.cli import repair_runs as repair
     from dstack.store.state import open_state
@@ -241,6 +242,15 @@ def logs(
     with open_state() as state:
         repair(state)
         run_ = state.run(run)
+        if rank:
+            import sys
+
+            from dstack.logs import follow_rank
+
+            for data in follow_rank(state, run_.id, rank, follow=follow_):
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            return
         follow(state, run_.id, follow_output=follow_, exit_on_failure=follow_)
 
 

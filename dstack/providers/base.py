@@ -94,6 +94,7 @@ def base_spec(workflow: Workflow, provider: str, commands: list[str], **fields: 
         ports=workflow.ports.model_copy(deep=True),
         retry=workflow.retry,
         inactivity_s=workflow.inactivity_s,
+        max_duration_s=workflow.max_duration_s,
         python=python,
         variables=dict(workflow.variables),
         help=workflow.help,

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dstack.backends.base import Capacity, GpuInfo
+from dstack.backends.base import Capacity
 
 _COLUMNS = (
     "name",
@@ -36,7 +36,7 @@ class Host:
     """One row of `hosts`: a runner as the user registered it, and what its last probe found."""
 
     name: str
-    kind: str  # 'local' | 'ssh' | 'ec2'
+    kind: str  # 'local' | 'ssh' | 'ec2' | 'slurm'
     user: str | None = None
     hostname: str | None = None
     port: int | None = None
@@ -65,9 +65,7 @@ def capacity_to_json(capacity: Capacity | None) -> str | None:
 def capacity_from_json(text: str | None) -> Capacity | None:
     if not text:
         return None
-    data = json.loads(text)
-    data["gpus"] = [GpuInfo(**g) for g in data.get("gpus", [])]
-    return Capacity(**data)
+    return Capacity.from_json(json.loads(text))
 
 
 def _from_row(row: sqlite3.Row | tuple) -> Host:
@@ -138,6 +136,11 @@ def save_probe(
         " status = CASE WHEN enabled = 1 THEN 'ready' ELSE 'disabled' END WHERE name = ?",
         (capacity_to_json(capacity), when or time.time(), host_key, name),
     )
+
+
+def save_cloud(db: sqlite3.Connection, name: str, cloud: dict[str, Any]) -> None:
+    """Record what the host's provider says about it (an EC2 instance, a Slurm cluster's partitions)."""
+    db.execute("UPDATE hosts SET cloud = ? WHERE name = ?", (json.dumps(cloud, sort_keys=True), name))
 
 
 def mark_unreachable(db: sqlite3.Connection, name: str, error: str, when: float | None = None) -> None:

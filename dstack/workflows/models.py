@@ -172,6 +172,7 @@ class RawWorkflow(_Raw):
     ports: PortsField = None
     retry: RetryField = None
     inactivity: Annotated[Any, WithJsonSchema({"type": ["string", "integer", "boolean"]})] = None
+    max_duration: Annotated[Any, Field(description="90s, 30m, 2h, 1d or seconds: then the job ends")] = None
     # python, torchrun
     file: Text | None = None
     script: Text | None = None
@@ -243,6 +244,7 @@ class Workflow(BaseModel):
     ports: PortsSpec = Field(default_factory=PortsSpec)
     retry: RetrySpec | None = None
     inactivity_s: float | None = None  # `inactivity: 30m`; 0: off; None: the provider decides
+    max_duration_s: int | None = None
     python_version: str | None = None
     requirements: str | None = None
     script: str | None = None

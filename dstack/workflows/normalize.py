@@ -52,6 +52,14 @@ def parse_size_mib(text: str) -> int:
     return max(1, round(float(m.group(1)) * factor))
 
 
+def parse_duration_s(text: str) -> int | None:
+    """`90s`, `30m`, `2h`, `1d`, `600` (seconds) → seconds; None if it isn't a positive duration."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text.lower())
+    if not m or int(m.group(1)) == 0:
+        return None
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 def normalize_workflow(
     item: YMap,
     *,
@@ -139,6 +147,7 @@ class _Reader:
             ports=self._ports(),
             retry=self._retry(),
             inactivity_s=self._inactivity(),
+            max_duration_s=self._max_duration(),
             python_version=self._python_version(),
             requirements=self._plain(raw.requirements, "requirements"),
             script=self._script(raw),
@@ -667,6 +676,19 @@ class _Reader:
                 self.fail(f"'retry.limit' must be 0 or more, not {spec.limit}", value.line_of("limit"))
             return spec
         self.fail("'retry' must be true, a number of retries or {limit, on}", line)
+
+    def _max_duration(self) -> int | None:
+        value = self.item.get("max_duration")
+        if value is None or value is False:
+            return None
+        seconds = parse_duration_s(scalar_text(value)) if not isinstance(value, bool) else None
+        if seconds is None:
+            self.fail(
+                f"'max_duration' {plain(value)!r} is not a duration",
+                self.at("max_duration"),
+                hint="write 90s, 30m, 2h, 1d, or a number of seconds",
+            )
+        return seconds
 
     def _python_version(self) -> str | None:
         found: dict[str, str] = {}
