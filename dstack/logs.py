@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dstack.store.state import ACTIVE_RUN, Job, State
 
@@ -42,9 +42,11 @@ def follow_run(
     from dstack.supervisor import BEAT_S, poll_interval, recover, start_orchestrator
 
     orch: Orchestrator | None = None
+    handler = None
     if drive:
         from dstack.orchestrator import Orchestrator
 
+        handler = _log_to_run_file(run_id)  # what the orchestrator says goes where a detached one's goes
         orch = Orchestrator(state, state.run(run_id))
     standby = not drive  # a driving follower starts its stand-by once the run lasts (or it stops following)
     offsets: dict[tuple[str, int], int] = {}
@@ -106,8 +108,28 @@ def follow_run(
     finally:
         if orch is not None:
             orch.close()
+        if handler is not None:
+            import logging
+
+            logging.getLogger("dstack").removeHandler(handler)
+            handler.close()
         if not standby and state.run(run_id).status in ACTIVE_RUN:
             start_orchestrator(run_id)  # this process stops driving: the run goes on without it
+
+
+def _log_to_run_file(run_id: str) -> Any:
+    """A handler that appends dstack's log records to the run's orchestrator log (`runs/<id>.log`)."""
+    import logging
+
+    from dstack.home import sub
+
+    handler = logging.FileHandler(sub("runs") / f"{run_id}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("dstack")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
 
 
 def _read_from(path: str | None, offset: int) -> bytes:
