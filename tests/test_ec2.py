@@ -519,7 +519,7 @@ def test_remove_list_and_prune_leave_nothing_tagged(cloud: MotoServer, state: St
             TagSpecifications=tag_specs("instance", "someone-else"),
         )
     orphan_id, other_id = orphan["Instances"][0]["InstanceId"], other["Instances"][0]["InstanceId"]
-    listed = {e.resource.id: e for e in ec2.list_cloud(state)}
+    listed = {e.resource.id: e for e in inventory.list_cloud(state)}
     assert listed[orphan_id].mine and not listed[orphan_id].known
     assert not listed[other_id].mine
     host_instance = (store.get_host(state.db, name).cloud or {})["instance_id"]  # type: ignore[union-attr]
@@ -533,7 +533,7 @@ def test_remove_list_and_prune_leave_nothing_tagged(cloud: MotoServer, state: St
     assert state.job(job).status == "failed"
     assert store.get_host(state.db, name) is None
 
-    pruned = ec2.prune(state)
+    pruned = inventory.prune(state)
     assert {r.id for r in pruned.removed if r.kind == "instance"} == {orphan_id}
     assert {r.kind for r in pruned.removed} == {"instance", "key-pair", "security-group"}
     with Clients() as clients:
@@ -548,7 +548,7 @@ def test_no_aws_configured_costs_nothing(state: State) -> None:
     assert ec2.reap_idle(state) == []
     assert "not configured" in ec2.why_not(state, A10G)
     with pytest.raises(UsageError, match="AWS is not configured"):
-        ec2.list_cloud(state)
+        inventory.list_cloud(state)
 
 
 # --- end to end through the CLI ---------------------------------------------------------------------------

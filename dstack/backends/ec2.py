@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from dstack.cloud.aws import Clients
     from dstack.cloud.config import AwsConfig
     from dstack.cloud.instance_types import InstanceType
-    from dstack.cloud.inventory import CloudEntry, Pruned
     from dstack.specs import JobSpec
     from dstack.store.hosts import Host
     from dstack.store.state import State
@@ -354,23 +353,6 @@ def terminate(state: State, name: str, force: bool = False) -> Host:
         _terminate_instance(clients, host)
     forget_host(state, host)
     return host
-
-
-# --- what exists in the account (see dstack.cloud.inventory) ---------------------------------------------
-
-
-def list_cloud(state: State) -> list[CloudEntry]:
-    """`dstack hosts --cloud`: every instance, key pair and security group with dstack's tags."""
-    from dstack.cloud.inventory import list_cloud
-
-    return list_cloud(state)
-
-
-def prune(state: State) -> Pruned:
-    """`dstack hosts prune`: remove what this DSTACK_HOME made and no longer knows (see inventory.prune)."""
-    from dstack.cloud.inventory import prune
-
-    return prune(state)
 
 
 def describe(state: State, host: Host, now: float | None = None) -> dict[str, Any]:
