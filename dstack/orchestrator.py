@@ -245,13 +245,8 @@ class Orchestrator:
 
     def log_of(self, job: Job) -> str:
         """The file on this machine with the output of the job's current attempt."""
-        if (job.runner or "local") == "local":
-            from dstack.backends.local import LocalRunner
-
-            runner = self.runner("local")
-            assert isinstance(runner, LocalRunner)
-            return str(runner.log_path(job.id))
-        return str(self._mirror_path(job))
+        path = self.runner(job.runner or "local").log_path(job.id)
+        return str(path if path is not None else self._mirror_path(job))
 
     def _keep_earlier_logs(self, job: Job, path: str) -> None:
         """An earlier attempt's log at the path this attempt writes to (the local runner's) is moved aside."""
