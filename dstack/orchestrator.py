@@ -69,10 +69,9 @@ class Orchestrator:
         run = self.state.run(self.run.id)
         if run.status not in ACTIVE_RUN:
             return True
-        if self.state.has_hosts("ec2"):  # (the EC2 code is loaded only where dstack launched instances)
-            from dstack.backends import ec2
+        from dstack import capacity
 
-            ec2.reap_idle(self.state)
+        capacity.reap_idle(self.state)  # (a source's code is loaded only where it launched hosts)
         jobs = self.state.jobs(run.id)
         by_id = {j.id: j for j in jobs}
         for job in jobs:
@@ -175,18 +174,18 @@ class Orchestrator:
         fitting = [s for s in slots if reasons[s.name] is None]
         if not fitting:
             why = "; ".join(f"{n}: not enough {r}" for n, r in reasons.items()) or "no runner is enabled"
-            from dstack.backends import ec2
+            from dstack.capacity import configured_sources
 
-            if not pin and ec2.configured(self.state):
+            for source in [] if pin else configured_sources(self.state):
                 try:
-                    launched = ec2.launch_for(self.state, spec)
+                    launched = source.launch(self.state, spec)
                 except DstackError as e:
                     self._fail(job, f"no runner fits this job and launching one failed: {e}")
                     return
                 if launched is not None:
                     self.state.set_job(job.id, status="waiting", reason=f"launched {launched} for it")
                     return
-                why += f"; ec2: {ec2.why_not(self.state, spec)}"
+                why += f"; {source.kind}: {source.why_not(self.state, spec)}"
             self._fail(job, f"no runner could ever fit this job — {why}")
             return
         chosen = None
@@ -349,13 +348,13 @@ class Orchestrator:
 
     def _host_unreachable(self, job: Job, error: HostError) -> JobState | None:
         """A host that stops answering for HOST_LOST_S seconds loses its jobs (None: keep waiting)."""
-        from dstack.backends import ec2
         from dstack.backends.base import JobState
+        from dstack.capacity import host_gone
 
         name = job.runner or "local"
         first = self._unreachable_since.setdefault(name, time.monotonic())
         log.warning("host %s unreachable for %.1fs: %s", name, time.monotonic() - first, error)
-        if ec2.configured(self.state) and ec2.check_host(self.state, name) is not None:
+        if host_gone(self.state, name):
             return None  # the instance is gone: its jobs were interrupted (and placed again if allowed)
         if time.monotonic() - first < HOST_LOST_S:
             return None

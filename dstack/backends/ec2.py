@@ -470,3 +470,24 @@ def _gone_reason(host: Host, instance: dict[str, Any] | None, status: str) -> st
     if code == "Client.InstanceInitiatedShutdown":
         return f"instance {host.name} shut itself down"
     return f"instance {host.name} is {status}" + (f" ({reason['Message']})" if reason.get("Message") else "")
+
+
+class EC2Capacity:
+    """EC2 as a capacity source (`dstack.capacity.CapacitySource`) over this module's functions."""
+
+    kind = KIND
+
+    def configured(self, state: State) -> bool:
+        return configured(state)
+
+    def launch(self, state: State, spec: JobSpec) -> str | None:
+        return launch_for(state, spec)
+
+    def why_not(self, state: State, spec: JobSpec) -> str:
+        return why_not(state, spec)
+
+    def reap_idle(self, state: State) -> None:
+        reap_idle(state)
+
+    def check_host(self, state: State, name: str) -> bool:
+        return check_host(state, name) is not None
