@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from dstack.store.state import ACTIVE_RUN, Job, State
 
 if TYPE_CHECKING:
-    from dstack.orchestrator import Orchestrator
+    from dstack.scheduler.loop import Orchestrator
 
 
 STANDBY_AFTER_S = 0.3  # a run that ends sooner never needs another process
@@ -38,12 +38,12 @@ def follow_run(
 ) -> Iterator[LogEvent]:
     """Yield the run's output (and status changes) from the start; with `follow`, until the run ends. With
     `drive`, this process (which claimed the run) also steps it, so a short job ends without waiting on
-    another process; a run nobody drives any more is recovered (see `dstack.supervisor.recover`)."""
-    from dstack.supervisor import BEAT_S, poll_interval, recover, start_orchestrator
+    another process; a run nobody drives any more is recovered (see `dstack.scheduler.daemon.recover`)."""
+    from dstack.scheduler.daemon import BEAT_S, poll_interval, recover, start_orchestrator
 
     orch: Orchestrator | None = None
     if drive:
-        from dstack.orchestrator import Orchestrator
+        from dstack.scheduler.loop import Orchestrator
 
         orch = Orchestrator(state, state.run(run_id))
     standby = not drive  # a driving follower starts its stand-by once the run lasts (or it stops following)

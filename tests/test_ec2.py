@@ -294,8 +294,7 @@ def _job_on(state: State, host: str, retry: RetrySpec | None = None, status: str
 
 def test_a10g_job_launches_a_tagged_g5_that_becomes_a_ready_host(cloud: MotoServer, state: State) -> None:
     from dstack.backends.ssh import SSHRunner
-    from dstack.placement import shortfall
-    from dstack.runners import available_slots
+    from dstack.scheduler.placement import available_slots, shortfall
 
     name = ec2.launch_for(state, A10G)
     assert name is not None
@@ -338,8 +337,7 @@ def test_a10g_job_launches_a_tagged_g5_that_becomes_a_ready_host(cloud: MotoServ
 
 
 def test_an_idle_instance_that_fits_is_reused_not_launched_again(cloud: MotoServer, state: State) -> None:
-    from dstack.placement import reserve
-    from dstack.runners import available_slots
+    from dstack.scheduler.placement import available_slots, reserve
 
     name = ec2.launch_for(state, A10G)
     assert name is not None

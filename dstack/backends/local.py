@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dstack.backends.base import Capacity, GpuInfo, JobContext, JobState, Runner
-from dstack.supervisor import process_alive
+from dstack.scheduler.daemon import process_alive
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
