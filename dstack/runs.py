@@ -54,7 +54,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     from dstack.plans import fingerprint, recall_plan, remember_plan
 
     if req.host and req.host != "local":
-        if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
+        if not state.host_exists(req.host):
             raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
     fp = None if req.reproduce or req.from_commit else fingerprint(state, req)
     plan = recall_plan(state, fp) if fp is not None else None

@@ -3,7 +3,6 @@ job's start there (or a launch by a capacity source when nothing fits)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,18 +31,12 @@ def local_enabled(state: State) -> bool:
 
 def available_slots(state: State, local_capacity: Capacity | None) -> list[Slot]:
     """Enabled runners that answered at their last check."""
-    from dstack.backends.base import Capacity, GpuInfo
+    from dstack.store.hosts import ready_capacities
 
     slots = []
     if local_enabled(state) and local_capacity is not None:
         slots.append(Slot("local", local_capacity))
-    for row in state.db.execute(
-        "SELECT name, capacity FROM hosts WHERE kind != 'local' AND enabled = 1 AND status = 'ready' "
-        "AND capacity IS NOT NULL"
-    ):
-        data = json.loads(row["capacity"])
-        data["gpus"] = [GpuInfo(**g) for g in data.get("gpus", [])]
-        slots.append(Slot(row["name"], Capacity(**data)))
+    slots += [Slot(name, capacity) for name, capacity in ready_capacities(state.db)]
     return slots
 
 

@@ -165,9 +165,7 @@ def host_unreachable(orch: Orchestrator, job: Job, error: HostError) -> JobState
         return None  # the instance is gone: its jobs were interrupted (and placed again if allowed)
     if time.monotonic() - first < HOST_LOST_S:
         return None
-    orch.state.db.execute(
-        "UPDATE hosts SET status = 'unreachable', last_error = ? WHERE name = ?", (str(error), name)
-    )
+    orch.state.host_lost(name, str(error))
     return JobState("lost", reason=f"host {name} stopped answering: {error}")
 
 
