@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from dstack.store.state import ACTIVE_RUN, Job, State
 
 if TYPE_CHECKING:
-    from dstack.orchestrator import Orchestrator
+    from dstack.scheduler.loop import Orchestrator
 
 
 STANDBY_AFTER_S = 0.3  # a run that ends sooner never needs another process
@@ -38,13 +38,13 @@ def follow_run(
 ) -> Iterator[LogEvent]:
     """Yield the run's output (and status changes) from the start; with `follow`, until the run ends. With
     `drive`, this process (which claimed the run) also steps it, so a short job ends without waiting on
-    another process; a run nobody drives any more is recovered (see `dstack.supervisor.recover`)."""
-    from dstack.supervisor import BEAT_S, poll_interval, recover, start_orchestrator
+    another process; a run nobody drives any more is recovered (see `dstack.scheduler.daemon.recover`)."""
+    from dstack.scheduler.daemon import BEAT_S, poll_interval, recover, start_orchestrator
 
     orch: Orchestrator | None = None
     handler = None
     if drive:
-        from dstack.orchestrator import Orchestrator
+        from dstack.scheduler.loop import Orchestrator
 
         handler = _log_to_run_file(run_id)  # what the orchestrator says goes where a detached one's goes
         orch = Orchestrator(state, state.run(run_id))
@@ -147,8 +147,8 @@ def follow_rank(
     state: State, run_id: str, rank: int, follow: bool = True, poll: float = 0.5
 ) -> Iterator[bytes]:
     """Rank `rank`'s output of the run's multi-node jobs, read from their runner; `follow`: to the end."""
+    from dstack.backends import open_runner
     from dstack.errors import UsageError
-    from dstack.runners import open_runner
     from dstack.specs import JobSpec
 
     run = state.run(run_id)

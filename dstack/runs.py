@@ -1,7 +1,7 @@
 """Creating runs and stopping them.
 
 `create_run` records the repo state and one job per workflow the run needs (reusing finished jobs with
-the same key, or joining ones running now); `dstack.orchestrator` then drives the run to its end.
+the same key, or joining ones running now); `dstack.scheduler` then drives the run to its end.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def create_run(state: State, req: RunRequest) -> CreatedRun:
     from dstack.plans import fingerprint, recall_plan, remember_plan
 
     if req.host and req.host != "local":
-        if state.db.execute("SELECT 1 FROM hosts WHERE name = ?", (req.host,)).fetchone() is None:
+        if not state.host_exists(req.host):
             raise UsageError(f"no host named '{req.host}'", hint="see `dstack hosts`")
     fp = None if req.reproduce or req.from_commit else fingerprint(state, req)
     plan = recall_plan(state, fp) if fp is not None else None
@@ -312,7 +312,7 @@ def _substitute_reserved(spec: dict[str, Any], run_name: str, job_id: str) -> di
 
 def stop_run(state: State, ref: str) -> Run:
     """Stop a run: end a stuck orchestrator and the running jobs' process trees, cancel the other jobs."""
-    from dstack.supervisor import kill_orchestrator
+    from dstack.scheduler.daemon import kill_orchestrator
 
     run = state.run(ref)
     if run.status not in ACTIVE_RUN:
@@ -332,7 +332,7 @@ def fail_run(state: State, run: Run, reason: str) -> None:
 
 def end_jobs(state: State, run: Run, status: str, reason: str) -> None:
     """End the run's running jobs' process trees (they become `status`) and cancel the ones not started."""
-    from dstack.runners import open_runner
+    from dstack.backends import open_runner
 
     runners: dict[str, Runner] = {}
     for job in state.jobs(run.id):

@@ -70,21 +70,19 @@ def import_tag(state: State, store: ObjectStore, name: str) -> bool:
         return False
     record: dict[str, Any] = json.loads(raw)
     r = record["run"]
-    if state.db.execute("SELECT 1 FROM runs WHERE id = ?", (r["id"],)).fetchone() is None:
-        name_taken = state.db.execute("SELECT 1 FROM runs WHERE name = ?", (r["name"],)).fetchone()
-        run = Run(**r, status="done", reason=f"shared tag {name}")
-        if name_taken:
-            run.name = f"{run.name}-{run.id[:6]}"
-        jobs = [Job(**j, run_id=run.id, status="done", exit_code=0) for j in record["jobs"]]
-        state.insert_run(run, jobs)
-        for job in jobs:
-            manifest = store.get_manifest(job.manifest or "")
-            state.save_artifact_rows(
-                job.id,
-                [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries],
-                job.manifest or "",
-            )
-    state.add_tag(name, r["id"], replace=True)
+    if state.has_run(r["id"]):
+        state.add_tag(name, r["id"], replace=True)
+        return True
+    run = Run(**r, status="done", reason=f"shared tag {name}")
+    if state.run_named(r["name"]):
+        run.name = f"{run.name}-{run.id[:6]}"
+    jobs = [Job(**j, run_id=run.id, status="done", exit_code=0) for j in record["jobs"]]
+    artifacts = {}
+    for job in jobs:
+        manifest = store.get_manifest(job.manifest or "")
+        rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
+        artifacts[job.id] = (rows, job.manifest or "")
+    state.record_run(run, jobs, artifacts, tag=name, replace_tag=True)  # one transaction
     return True
 
 

@@ -62,19 +62,15 @@ def add_tag(
         )
         from dstack.store.state import ArtifactRow
 
-        state.insert_run(run, [job])
-        state.save_artifact_rows(
-            job_id,
-            [ArtifactRow(job_id, e.path, e.size, e.mode, e.digest) for e in manifest.entries],
-            manifest_name,
-        )
-        run_ref = run.id
-    if run_ref is None:
-        raise UsageError("give a run to tag, or --from PATH")
-    run = state.run(run_ref)
-    if run.status != "done":
-        raise RunError(f"run {run.name} is {run.status}; only a successful run can be tagged")
-    state.add_tag(name, run.id, replace=force)
+        rows = [ArtifactRow(job_id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
+        state.record_run(run, [job], {job_id: (rows, manifest_name)}, tag=name, replace_tag=force)
+    else:
+        if run_ref is None:
+            raise UsageError("give a run to tag, or --from PATH")
+        run = state.run(run_ref)
+        if run.status != "done":
+            raise RunError(f"run {run.name} is {run.status}; only a successful run can be tagged")
+        state.add_tag(name, run.id, replace=force)
     tag = state.tag(name)
     assert tag is not None
     from dstack.shared_tags import publish_tag

@@ -294,8 +294,7 @@ def _job_on(state: State, host: str, retry: RetrySpec | None = None, status: str
 
 def test_a10g_job_launches_a_tagged_g5_that_becomes_a_ready_host(cloud: MotoServer, state: State) -> None:
     from dstack.backends.ssh import SSHRunner
-    from dstack.placement import shortfall
-    from dstack.runners import available_slots
+    from dstack.scheduler.placement import available_slots, shortfall
 
     name = ec2.launch_for(state, A10G)
     assert name is not None
@@ -338,8 +337,7 @@ def test_a10g_job_launches_a_tagged_g5_that_becomes_a_ready_host(cloud: MotoServ
 
 
 def test_an_idle_instance_that_fits_is_reused_not_launched_again(cloud: MotoServer, state: State) -> None:
-    from dstack.placement import reserve
-    from dstack.runners import available_slots
+    from dstack.scheduler.placement import available_slots, reserve
 
     name = ec2.launch_for(state, A10G)
     assert name is not None
@@ -519,7 +517,7 @@ def test_remove_list_and_prune_leave_nothing_tagged(cloud: MotoServer, state: St
             TagSpecifications=tag_specs("instance", "someone-else"),
         )
     orphan_id, other_id = orphan["Instances"][0]["InstanceId"], other["Instances"][0]["InstanceId"]
-    listed = {e.resource.id: e for e in ec2.list_cloud(state)}
+    listed = {e.resource.id: e for e in inventory.list_cloud(state)}
     assert listed[orphan_id].mine and not listed[orphan_id].known
     assert not listed[other_id].mine
     host_instance = (store.get_host(state.db, name).cloud or {})["instance_id"]  # type: ignore[union-attr]
@@ -533,7 +531,7 @@ def test_remove_list_and_prune_leave_nothing_tagged(cloud: MotoServer, state: St
     assert state.job(job).status == "failed"
     assert store.get_host(state.db, name) is None
 
-    pruned = ec2.prune(state)
+    pruned = inventory.prune(state)
     assert {r.id for r in pruned.removed if r.kind == "instance"} == {orphan_id}
     assert {r.kind for r in pruned.removed} == {"instance", "key-pair", "security-group"}
     with Clients() as clients:
@@ -548,21 +546,12 @@ def test_no_aws_configured_costs_nothing(state: State) -> None:
     assert ec2.reap_idle(state) == []
     assert "not configured" in ec2.why_not(state, A10G)
     with pytest.raises(UsageError, match="AWS is not configured"):
-        ec2.list_cloud(state)
+        inventory.list_cloud(state)
 
 
 # --- end to end through the CLI ---------------------------------------------------------------------------
 
 
-def _wired() -> bool:
-    import inspect
-
-    import dstack.orchestrator
-
-    return "launch_for" in inspect.getsource(dstack.orchestrator)
-
-
-@pytest.mark.skipif(not _wired(), reason="the lead has not wired launch_for/reap_idle into dstack.runs yet")
 def test_gpu_workflow_launches_g5_runs_there_and_is_terminated_when_idle(
     cloud: MotoServer, state: State, make_repo, cli_runner
 ) -> None:

@@ -309,7 +309,7 @@ def _spec(**resources: object):
 
 def test_sinfo_output_becomes_partitions_nodes_and_capacity() -> None:
     from dstack.backends.slurm_cluster import SlurmOptions, parse_cluster, parse_gres
-    from dstack.placement import reserve, shortfall
+    from dstack.scheduler.placement import reserve, shortfall
 
     assert parse_gres("gpu:a100:4(S:0-1),gpu:2,mps:100") == [("a100", 4), ("", 2)]
     cluster = parse_cluster(SINFO, SlurmOptions(), "alice@login")

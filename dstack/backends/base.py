@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dstack.specs import JobSpec
     from dstack.store.objects import Manifest, ObjectStore
 
@@ -79,10 +81,35 @@ class JobState:
     reason: str | None = None
 
 
+JobFiles = dict[str, tuple[bytes, int]]  # a file in the job's directory: name -> (content, mode)
+
+
 class Runner(ABC):
-    """One place jobs run. Implementations: LocalRunner (this machine), SSHRunner (a registered host)."""
+    """One place jobs run. Implementations: LocalRunner (this machine), SSHRunner (a registered host).
+
+    Everything the scheduler calls is here; shared steps are template methods (`job_files`)."""
 
     name: str
+
+    def job_files(self, ctx: JobContext, job_dir: str, venv_root: str, note: str = "") -> JobFiles:
+        """The files every runner writes into the job's directory: env.sh, job.sh, run.sh, sampler.py.
+
+        `note`, if any, is echoed first by job.sh (how the job's inputs arrived)."""
+        import os
+
+        from dstack.backends.script import RUN_SH, job_env, render_env, render_job, requirements_digest
+        from dstack.metrics import sampler_source
+
+        job_sh = render_job(ctx, job_dir, venv_root, requirements_digest(ctx))
+        if note:
+            job_sh = with_note(job_sh, note)
+        passthrough = {k: os.environ[k] for k in ctx.spec.passthrough_env if k in os.environ}
+        return {
+            "env.sh": (render_env(job_env(ctx, passthrough)).encode(), 0o600),
+            "job.sh": (job_sh.encode(), 0o644),
+            "run.sh": (RUN_SH.encode(), 0o755),
+            "sampler.py": (sampler_source().encode(), 0o644),  # metrics, started by run.sh
+        }
 
     @abstractmethod
     def probe(self) -> Capacity:
@@ -95,6 +122,14 @@ class Runner(ABC):
     @abstractmethod
     def poll_job(self, job_id: str) -> JobState:
         """Is the job still running, did it exit (with which code), or is it gone?"""
+
+    def poll_jobs(self, job_ids: list[str]) -> dict[str, JobState]:
+        """`poll_job` for several jobs (a remote runner answers in one round trip)."""
+        return {j: self.poll_job(j) for j in job_ids}
+
+    def log_path(self, job_id: str) -> Path | None:
+        """The job's log as a file on this machine, or None where it must be mirrored with `read_log`."""
+        return None
 
     @abstractmethod
     def read_log(self, job_id: str, offset: int) -> bytes:
@@ -131,5 +166,20 @@ class Runner(ABC):
 
         raise UsageError(f"{self.name} runs no multi-node jobs: it keeps no logs of other ranks")
 
+    def remove_job(self, job_id: str) -> None:
+        """Delete the job's whole directory (log and exit code included)."""
+        self.cleanup_job(job_id)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+def with_note(job_sh: str, note: str) -> str:
+    """The job's script with `note` echoed first, so the job's log says how its inputs arrived."""
+    import shlex
+
+    line = f"echo {shlex.quote(note)}\n"
+    if job_sh.startswith("#!"):
+        first, _, rest = job_sh.partition("\n")
+        return f"{first}\n{line}{rest}"
+    return line + job_sh

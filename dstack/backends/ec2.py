@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from dstack.cloud.aws import Clients
     from dstack.cloud.config import AwsConfig
     from dstack.cloud.instance_types import InstanceType
-    from dstack.cloud.inventory import CloudEntry, Pruned
     from dstack.specs import JobSpec
     from dstack.store.hosts import Host
     from dstack.store.state import State
@@ -356,23 +355,6 @@ def terminate(state: State, name: str, force: bool = False) -> Host:
     return host
 
 
-# --- what exists in the account (see dstack.cloud.inventory) ---------------------------------------------
-
-
-def list_cloud(state: State) -> list[CloudEntry]:
-    """`dstack hosts --cloud`: every instance, key pair and security group with dstack's tags."""
-    from dstack.cloud.inventory import list_cloud
-
-    return list_cloud(state)
-
-
-def prune(state: State) -> Pruned:
-    """`dstack hosts prune`: remove what this DSTACK_HOME made and no longer knows (see inventory.prune)."""
-    from dstack.cloud.inventory import prune
-
-    return prune(state)
-
-
 def describe(state: State, host: Host, now: float | None = None) -> dict[str, Any]:
     """What `dstack hosts` shows of an EC2 host: type, price, spot or not, region, instance, idle seconds."""
     cloud = host.cloud or {}
@@ -488,3 +470,24 @@ def _gone_reason(host: Host, instance: dict[str, Any] | None, status: str) -> st
     if code == "Client.InstanceInitiatedShutdown":
         return f"instance {host.name} shut itself down"
     return f"instance {host.name} is {status}" + (f" ({reason['Message']})" if reason.get("Message") else "")
+
+
+class EC2Capacity:
+    """EC2 as a capacity source (`dstack.capacity.CapacitySource`) over this module's functions."""
+
+    kind = KIND
+
+    def configured(self, state: State) -> bool:
+        return configured(state)
+
+    def launch(self, state: State, spec: JobSpec) -> str | None:
+        return launch_for(state, spec)
+
+    def why_not(self, state: State, spec: JobSpec) -> str:
+        return why_not(state, spec)
+
+    def reap_idle(self, state: State) -> None:
+        reap_idle(state)
+
+    def check_host(self, state: State, name: str) -> bool:
+        return check_host(state, name) is not None

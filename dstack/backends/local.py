@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import signal
 import subprocess
@@ -12,9 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dstack.backends.base import Capacity, GpuInfo, JobContext, JobState, Runner
-from dstack.backends.script import RUN_SH, job_env, render_env, render_job
-from dstack.metrics import sampler_source
-from dstack.supervisor import process_alive
+from dstack.scheduler.daemon import process_alive
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -60,18 +57,6 @@ def docker_answers() -> bool:
     from dstack.backends.docker import engine_answers
 
     return engine_answers()
-
-
-def requirements_digest(ctx: JobContext) -> str | None:
-    """The digest of the python provider's requirements file in the run's repo state."""
-    py = ctx.spec.python
-    if py is None or not py.requirements:
-        return None
-    want = posixpath.normpath(posixpath.join(ctx.working_subdir, ctx.spec.working_dir, py.requirements))
-    for entry in ctx.code.entries:
-        if entry.path == want:
-            return f"{entry.digest}{py.version or ''}"
-    return None
 
 
 class LocalRunner(Runner):
@@ -127,14 +112,11 @@ class LocalRunner(Runner):
         base = project / ctx.spec.working_dir
         for dep in ctx.dependencies:
             restore_artifacts(dep.manifest, ctx.store, base)
-        passthrough = {k: os.environ[k] for k in ctx.spec.passthrough_env if k in os.environ}
-        env_sh = jd / "env.sh"
-        fd = os.open(env_sh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(render_env(job_env(ctx, passthrough)))
-        (jd / "job.sh").write_text(render_job(ctx, str(jd), str(self.venvs), requirements_digest(ctx)))
-        (jd / "run.sh").write_text(RUN_SH)
-        (jd / "sampler.py").write_text(sampler_source())  # metrics, started by run.sh
+        for fname, (data, mode) in self.job_files(ctx, str(jd), str(self.venvs)).items():
+            fd = os.open(jd / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(jd / fname, mode)  # an earlier attempt's file keeps its mode on O_TRUNC
         for stale in ("exit", "pid"):  # an earlier attempt's
             (jd / stale).unlink(missing_ok=True)
         proc = subprocess.Popen(

@@ -7,6 +7,7 @@ same files serve the local runner and SSH hosts, so a job behaves the same where
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from typing import TYPE_CHECKING
 
@@ -202,3 +203,15 @@ def artifact_folders(workdir: str, declared: list[str]) -> list[str]:
         q = shlex.quote(f"{workdir}/{folder}")
         lines.append(f"[ -e {q} ] || [ -L {q} ] || {{ mkdir -p -- {q} && made+=({q}); }} || exit 1")
     return ["made=()", *dict.fromkeys(lines)] if lines else []
+
+
+def requirements_digest(ctx: JobContext) -> str | None:
+    """The digest of the python provider's requirements file in the run's repo state."""
+    py = ctx.spec.python
+    if py is None or not py.requirements:
+        return None
+    want = posixpath.normpath(posixpath.join(ctx.working_subdir, ctx.spec.working_dir, py.requirements))
+    for entry in ctx.code.entries:
+        if entry.path == want:
+            return f"{entry.digest}{py.version or ''}"
+    return None

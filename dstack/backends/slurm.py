@@ -210,7 +210,7 @@ def job_state(output: str) -> JobState:
 
 def choose_partition(cluster: SlurmCluster, spec: JobSpec) -> SlurmPartition | None:
     """The first usable partition (the default first) with enough nodes that fit the job."""
-    from dstack.placement import shortfall
+    from dstack.scheduler.placement import shortfall
 
     for partition in cluster.usable():
         one = SlurmCluster(cluster.options, partitions=[partition])
@@ -251,7 +251,7 @@ def sbatch_args(cluster: SlurmCluster, ctx: JobContext, jd: str) -> list[str]:
 
 def _gres_name(cluster: SlurmCluster, wanted: str | None) -> str:
     """The GRES type naming the GPU the job wants (`v100` matches a node's `tesla_v100`); "" for any."""
-    from dstack.placement import gpu_matches
+    from dstack.scheduler.placement import gpu_matches
 
     if not wanted:
         return ""

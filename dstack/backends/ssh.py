@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import posixpath
 import shlex
 import tarfile
@@ -21,8 +20,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState, Runner
-from dstack.backends.script import RUN_SH, job_env, render_env, render_job
-from dstack.metrics import sampler_source
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -91,7 +88,6 @@ class SSHRunner(Runner):
         return probe(self.conn, self.root)
 
     def start_job(self, ctx: JobContext) -> None:
-        from dstack.backends.local import requirements_digest
         from dstack.ssh import direct, transfer
 
         conn = self.conn
@@ -116,15 +112,8 @@ class SSHRunner(Runner):
         ship.objects_sent = len(over_ssh)
         ship.bytes_sent = transfer.upload_objects(conn, self.root, over_ssh, ctx.store)
         self.last_ship = ship
-        job_sh = render_job(ctx, jd, f"{self.root}/venvs", requirements_digest(ctx))
-        if note:
-            job_sh = _with_note(job_sh, note)
-        passthrough = {k: os.environ[k] for k in ctx.spec.passthrough_env if k in os.environ}
         files = {
-            "env.sh": (render_env(job_env(ctx, passthrough)).encode(), 0o600),
-            "job.sh": (job_sh.encode(), 0o644),
-            "run.sh": (RUN_SH.encode(), 0o755),
-            "sampler.py": (sampler_source().encode(), 0o644),  # metrics, started by run.sh
+            **self.job_files(ctx, jd, f"{self.root}/venvs", note),
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
             ".files": (transfer.materialize_records(placed), 0o600),
             **self._launch_files(ctx, jd),
@@ -387,15 +376,6 @@ class SSHRunner(Runner):
 
     def close(self) -> None:
         """Connections are pooled per process (dstack.ssh.connection.close_all closes them)."""
-
-
-def _with_note(job_sh: str, note: str) -> str:
-    """The job's script with `note` echoed first, so the job's log says how its inputs arrived."""
-    line = f"echo {shlex.quote(note)}\n"
-    if job_sh.startswith("#!"):
-        first, _, rest = job_sh.partition("\n")
-        return f"{first}\n{line}{rest}"
-    return line + job_sh
 
 
 def _objects(n: int) -> str:

@@ -49,9 +49,10 @@ class LazyGroup(TyperGroup):
 
 
 def repair_runs(state: Any) -> list[Any]:
-    """`dstack.supervisor.repair`, imported only when some run is unfinished (listings mostly have none)."""
+    """`dstack.scheduler.daemon.repair`, imported only when some run is unfinished (listings mostly have
+    none)."""
     if not state.runs(active_only=True):
         return []
-    from dstack.supervisor import repair
+    from dstack.scheduler.daemon import repair
 
     return repair(state)

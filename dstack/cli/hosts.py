@@ -110,8 +110,8 @@ def _usage_cells(u: HostUsage | None) -> list[str]:
 
 
 def _cloud(as_json: bool) -> None:
-    from dstack.backends.ec2 import list_cloud
     from dstack.cli import ui
+    from dstack.cloud.inventory import list_cloud
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -254,8 +254,8 @@ def remove(
 @app.command("prune")
 def prune() -> None:
     """Remove cloud resources dstack created and no longer knows about."""
-    from dstack.backends.ec2 import prune as prune_cloud
     from dstack.cli import ui
+    from dstack.cloud.inventory import prune as prune_cloud
     from dstack.store.state import open_state
 
     with open_state() as state:

@@ -91,7 +91,7 @@ def run(
         if run_.status == "done":
             ui.info(f"All jobs reused ({', '.join(reused)}); nothing to run. `--force` runs them again.")
             return
-        from dstack.supervisor import claim_run, start_orchestrator
+        from dstack.scheduler.daemon import claim_run, start_orchestrator
 
         if detach:
             start_orchestrator(run_.id)

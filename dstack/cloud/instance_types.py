@@ -42,7 +42,7 @@ class InstanceType:
 
     def fits(self, spec: JobSpec) -> bool:
         """Whether a job's resources fit this type (GPU count and name, memory, CPUs)."""
-        from dstack.placement import shortfall
+        from dstack.scheduler.placement import shortfall
 
         return shortfall(self.capacity(), spec) is None
 

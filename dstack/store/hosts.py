@@ -181,3 +181,12 @@ def set_local_enabled(db: sqlite3.Connection, enabled: bool) -> None:
         " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         ("1" if enabled else "0",),
     )
+
+
+def ready_capacities(db: sqlite3.Connection) -> list[tuple[str, Capacity]]:
+    """(name, capacity) of every enabled host that answered at its last check (what placement may use)."""
+    rows = db.execute(
+        "SELECT name, capacity FROM hosts WHERE kind != 'local' AND enabled = 1 AND status = 'ready' "
+        "AND capacity IS NOT NULL"
+    )
+    return [(row[0], cap) for row in rows if (cap := capacity_from_json(row[1])) is not None]

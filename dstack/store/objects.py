@@ -2,187 +2,44 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel
 
 from dstack.errors import ArtifactError, NotFoundError, StorageError, UsageError
 from dstack.hashing import digest_bytes, digest_file, is_digest
+from dstack.store.base import (  # re-exported: callers import the contract from here too
+    S_IFLNK,
+    Manifest,
+    ManifestEntry,
+    ObjectStore,
+    StoredItem,
+    check_digest,
+    check_name,
+    parse_manifest,
+    safe_relpath,
+)
 
-S_IFLNK = 0o120000
+__all__ = [
+    "S_IFLNK",
+    "LocalObjectStore",
+    "Manifest",
+    "ManifestEntry",
+    "ObjectStore",
+    "StoredItem",
+    "check_digest",
+    "check_name",
+    "open_store",
+    "parse_manifest",
+    "safe_relpath",
+    "temp_beside",
+]
+
 FRESH_COPY_MAX = 4 << 20  # objects up to this size are copied in one read (hashed on the way)
 S_IFREG = 0o100000
-_NAME = re.compile(r"^[A-Za-z0-9._@+=:,-]+(/[A-Za-z0-9._@+=:,-]+)*$")
-
-
-class ManifestEntry(BaseModel):
-    """One file of a manifest: a relative posix path, its size, its mode (with type bits) and digest."""
-
-    path: str
-    size: int
-    mode: int
-    digest: str
-
-    @property
-    def is_symlink(self) -> bool:
-        return self.mode & 0o170000 == S_IFLNK
-
-
-class Manifest(BaseModel):
-    """The files of an artifact or a repo snapshot; objects hold the content."""
-
-    entries: list[ManifestEntry] = []
-
-    def canonical_json(self) -> str:
-        """The manifest as JSON with entries sorted by path and no whitespace: what `digest()` hashes."""
-        entries = sorted((e.model_dump() for e in self.entries), key=lambda e: e["path"])
-        return json.dumps({"entries": entries}, sort_keys=True, separators=(",", ":"))
-
-    def digest(self) -> str:
-        """The digest of the canonical JSON."""
-        return digest_bytes(self.canonical_json().encode())
-
-    @property
-    def size(self) -> int:
-        return sum(e.size for e in self.entries)
-
-
-def check_digest(digest: str) -> str:
-    """`digest` if it is one (64 lowercase hex characters), else ArtifactError."""
-    if not is_digest(digest):
-        raise ArtifactError(f"invalid object digest {digest[:80]!r}")
-    return digest
-
-
-def check_name(name: str, what: str = "manifest name") -> str:
-    """`name` if it is a safe store key (slash-separated segments, no '..'), else UsageError."""
-    if not _NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
-        raise UsageError(f"invalid {what} {name!r}", hint="use letters, digits, '.', '-', '_' and '/'")
-    return name
-
-
-def safe_relpath(path: str) -> PurePosixPath:
-    """A manifest path as a relative path that stays inside its target, else ArtifactError naming it."""
-    p = PurePosixPath(path)
-    if (
-        not path
-        or "\\" in path
-        or "\0" in path
-        or p.is_absolute()
-        or any(part in ("..", "") for part in path.split("/"))
-        or p == PurePosixPath(".")
-    ):
-        raise ArtifactError(f"artifact path {path!r} would escape the target directory")
-    return PurePosixPath(*(part for part in p.parts if part != "."))
-
-
-@dataclass
-class StoredItem:
-    """An object (by digest) or a manifest (by name) as listed, with its size and last write time."""
-
-    name: str
-    size: int
-    mtime: float
-
-
-class ObjectStore(ABC):
-    """Where artifacts live: immutable objects by digest, manifests by name, small mutable meta records."""
-
-    url: str
-
-    @abstractmethod
-    def has(self, digest: str) -> bool:
-        """Whether the object is in the store."""
-
-    @abstractmethod
-    def put_file(self, path: Path, digest: str) -> bool:
-        """Store the file as object `digest`; False if it was already there; ArtifactError if it differs."""
-
-    def put_bytes(self, data: bytes, digest: str) -> bool:
-        """Store `data` as object `digest`; False if it was already there."""
-        if self.has(check_digest(digest)):
-            return False
-        with tempfile.TemporaryDirectory(prefix="dstack-") as tmp:
-            path = Path(tmp) / "object"
-            path.write_bytes(data)
-            return self.put_file(path, digest)
-
-    @abstractmethod
-    def get_file(self, digest: str, dest: Path) -> None:
-        """Write object `digest` to `dest` (replacing it), digest checked; ArtifactError if it is wrong."""
-
-    def get_bytes(self, digest: str) -> bytes:
-        """The content of a (small) object, digest checked."""
-        with tempfile.TemporaryDirectory(prefix="dstack-") as tmp:
-            path = Path(tmp) / "object"
-            self.get_file(digest, path)
-            return path.read_bytes()
-
-    @abstractmethod
-    def put_manifest(self, name: str, manifest: Manifest) -> None:
-        """Store a manifest under `name`; the same again is a no-op, a different one an ArtifactError."""
-
-    @abstractmethod
-    def get_manifest(self, name: str) -> Manifest:
-        """The manifest stored under `name`; NotFoundError if there is none."""
-
-    def has_manifest(self, name: str) -> bool:
-        """Whether a manifest is stored under `name`."""
-        try:
-            self.get_manifest(name)
-        except NotFoundError:
-            return False
-        return True
-
-    @abstractmethod
-    def put_meta(self, key: str, data: bytes) -> None:
-        """Write a small mutable record, replacing it atomically."""
-
-    @abstractmethod
-    def get_meta(self, key: str) -> bytes | None:
-        """A small record, or None if there is none."""
-
-    @abstractmethod
-    def list_meta(self, prefix: str = "") -> list[str]:
-        """Keys of the records starting with `prefix`, sorted."""
-
-    @abstractmethod
-    def delete_meta(self, key: str) -> None:
-        """Delete a record; nothing happens if it isn't there."""
-
-    # -- listing and deleting (garbage collection) ---------------------------------------------
-
-    @abstractmethod
-    def list_objects(self) -> Iterator[StoredItem]:
-        """Every object in the store (name = digest), in pages where the store pages."""
-
-    @abstractmethod
-    def list_manifests(self) -> Iterator[StoredItem]:
-        """Every manifest in the store (name = manifest name)."""
-
-    @abstractmethod
-    def delete_objects(self, digests: list[str], written_before: float) -> list[str]:
-        """Delete objects last written before `written_before` (in batches); return those deleted."""
-
-    @abstractmethod
-    def delete_manifests(self, names: list[str]) -> None:
-        """Delete manifests (in batches); missing ones are skipped."""
-
-    def clean_tmp(self, written_before: float) -> tuple[int, int]:
-        """Remove what interrupted saves left, begun before `written_before`: (count, bytes)."""
-        return 0, 0
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
 
 
 def temp_beside(dest: Path) -> Path:
@@ -193,14 +50,6 @@ def temp_beside(dest: Path) -> Path:
         raise StorageError(f"can't write in {dest.parent}: {e.strerror or e}") from e
     os.close(fd)
     return Path(name)
-
-
-def parse_manifest(data: bytes, name: str) -> Manifest:
-    """A manifest from its stored JSON; ArtifactError if it is unreadable."""
-    try:
-        return Manifest.model_validate_json(data)
-    except ValueError as e:
-        raise ArtifactError(f"manifest {name!r} is corrupt: {str(e).splitlines()[0]}") from e
 
 
 class LocalObjectStore(ObjectStore):

@@ -12,7 +12,7 @@ from typing import Any
 
 from dstack.errors import ArtifactError, NotFoundError, StorageError, UsageError
 from dstack.hashing import digest_bytes, digest_file
-from dstack.store.objects import (
+from dstack.store.base import (
     Manifest,
     ObjectStore,
     StoredItem,

@@ -243,23 +243,47 @@ class State:
         """Record a run and its jobs. With `join`, a pending job whose key another run's job has (running, or
         about to) joins that job instead of running again: found and claimed in this one transaction."""
         with self.transaction() as db:
-            d = dict(run.__dict__)
-            d["untracked"] = json.dumps(d["untracked"])
-            d["variables"] = json.dumps(d["variables"])
-            d["args"] = json.dumps(d["args"])
-            cols = ",".join(d)
-            db.execute(f"INSERT INTO runs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
-            for job in jobs:
-                if join and job.status == "pending" and job.key:
-                    row = db.execute(
-                        "SELECT jobs.id FROM jobs JOIN runs ON runs.id = jobs.run_id WHERE key = ? "
-                        "AND run_id != ? AND runs.deleted_at IS NULL AND (jobs.status IN "
-                        "('pending', 'waiting', 'starting', 'running') OR (jobs.status = 'done' AND "
-                        "manifest IS NOT NULL)) ORDER BY joins IS NOT NULL, jobs.created_at DESC LIMIT 1",
-                        (job.key, run.id),
-                    ).fetchone()
-                    job.joins = row[0] if row else None
-                self._insert_job(db, job)
+            self._insert_run(db, run, jobs, join)
+
+    def record_run(
+        self,
+        run: Run,
+        jobs: list[Job],
+        artifacts: dict[str, tuple[list[ArtifactRow], str]],
+        tag: str | None = None,
+        replace_tag: bool = False,
+    ) -> None:
+        """A finished run made elsewhere (a shared tag, `dstack tags add --from`): the run, its jobs, their
+        artifacts (job id -> rows, manifest name) and the tag, in one transaction."""
+        with self.transaction() as db:
+            self._insert_run(db, run, jobs, join=False)
+            for job_id, (rows, manifest_name) in artifacts.items():
+                self._save_artifact_rows(db, job_id, rows, manifest_name)
+            if tag is not None:
+                self._add_tag(db, tag, run.id, replace_tag)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run with this id is recorded."""
+        return self.db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
+
+    def _insert_run(self, db: sqlite3.Connection, run: Run, jobs: list[Job], join: bool) -> None:
+        d = dict(run.__dict__)
+        d["untracked"] = json.dumps(d["untracked"])
+        d["variables"] = json.dumps(d["variables"])
+        d["args"] = json.dumps(d["args"])
+        cols = ",".join(d)
+        db.execute(f"INSERT INTO runs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
+        for job in jobs:
+            if join and job.status == "pending" and job.key:
+                row = db.execute(
+                    "SELECT jobs.id FROM jobs JOIN runs ON runs.id = jobs.run_id WHERE key = ? "
+                    "AND run_id != ? AND runs.deleted_at IS NULL AND (jobs.status IN "
+                    "('pending', 'waiting', 'starting', 'running') OR (jobs.status = 'done' AND "
+                    "manifest IS NOT NULL)) ORDER BY joins IS NOT NULL, jobs.created_at DESC LIMIT 1",
+                    (job.key, run.id),
+                ).fetchone()
+                job.joins = row[0] if row else None
+            self._insert_job(db, job)
 
     def _insert_job(self, db: sqlite3.Connection, job: Job) -> None:
         d = dict(job.__dict__)
@@ -290,6 +314,16 @@ class State:
     def run_named(self, name: str) -> bool:
         """Whether a run has this name."""
         return self.db.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone() is not None
+
+    def host_exists(self, name: str) -> bool:
+        """Whether a host of this name is registered."""
+        return self.db.execute("SELECT 1 FROM hosts WHERE name = ?", (name,)).fetchone() is not None
+
+    def host_lost(self, name: str, error: str) -> None:
+        """Mark a host that stopped answering unreachable, with why."""
+        self.db.execute(
+            "UPDATE hosts SET status = 'unreachable', last_error = ? WHERE name = ?", (error, name)
+        )
 
     def has_hosts(self, kind: str) -> bool:
         """Whether any host of this kind (`ec2`, `ssh`) is registered."""
@@ -416,14 +450,24 @@ class State:
     ) -> None:
         """Record a finished job's artifacts and its final status in one transaction."""
         with self.transaction() as db:
-            db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
-            db.executemany(
-                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
-                [(job_id, r.path, r.size, r.mode, r.digest) for r in rows],
-            )
-            fields = {"manifest": manifest_name, **job_fields}
-            sets = ",".join(f"{k} = ?" for k in fields)
-            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
+            self._save_artifact_rows(db, job_id, rows, manifest_name, **job_fields)
+
+    def _save_artifact_rows(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        rows: list[ArtifactRow],
+        manifest_name: str,
+        **job_fields: Any,
+    ) -> None:
+        db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
+        db.executemany(
+            "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
+            [(job_id, r.path, r.size, r.mode, r.digest) for r in rows],
+        )
+        fields = {"manifest": manifest_name, **job_fields}
+        sets = ",".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
 
     def artifact_rows(self, job_id: str) -> list[ArtifactRow]:
         rows = self.db.execute("SELECT * FROM artifacts WHERE job_id = ? ORDER BY path", (job_id,))
@@ -432,13 +476,16 @@ class State:
     # -- tags ---------------------------------------------------------------------------------------
     def add_tag(self, name: str, run_id: str, replace: bool = False) -> None:
         with self.transaction() as db:
-            exists = db.execute("SELECT 1 FROM tags WHERE name = ?", (name,)).fetchone()
-            if exists and not replace:
-                raise UsageError(
-                    f"tag '{name}' exists — delete it first (`dstack tags delete {name}`)"
-                    " or pass --force to move it"
-                )
-            db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (name, run_id, time.time()))
+            self._add_tag(db, name, run_id, replace)
+
+    def _add_tag(self, db: sqlite3.Connection, name: str, run_id: str, replace: bool) -> None:
+        exists = db.execute("SELECT 1 FROM tags WHERE name = ?", (name,)).fetchone()
+        if exists and not replace:
+            raise UsageError(
+                f"tag '{name}' exists — delete it first (`dstack tags delete {name}`)"
+                " or pass --force to move it"
+            )
+        db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (name, run_id, time.time()))
 
     def tag(self, name: str) -> Tag | None:
         row = self.db.execute(

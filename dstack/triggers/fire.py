@@ -45,7 +45,7 @@ def start(
 ) -> Fire:
     """Create the workflow's run (detached, like `dstack run W -d`) and record the fire."""
     from dstack.runs import RunRequest, create_run
-    from dstack.supervisor import start_orchestrator
+    from dstack.scheduler.daemon import start_orchestrator
 
     kind = "watch" if origin == "watch" else trigger.kind
     fire = Fire(str(project_root), trigger.workflow, kind, origin, outcome="started")

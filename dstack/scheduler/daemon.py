@@ -68,7 +68,7 @@ def start_orchestrator(run_id: str) -> int:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dstack.supervisor", run_id],
+            [sys.executable, "-m", "dstack.scheduler.daemon", run_id],
             cwd=home(),
             stdin=subprocess.DEVNULL,
             stdout=fd,
@@ -141,7 +141,7 @@ def kill_orchestrator(run: Run, only_stuck_cli: bool = False) -> None:
 def _is_orchestrator_process(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"dstack.supervisor" in f.read()
+            return b"dstack.scheduler.daemon" in f.read()
     except OSError:
         return True
 
@@ -193,7 +193,7 @@ def orchestrate(run_id: str) -> None:
 
 def drive(state: State, run_id: str) -> None:
     """Step the run (this process has claimed it) until it ends or another process takes it over."""
-    from dstack.orchestrator import Orchestrator
+    from dstack.scheduler.loop import Orchestrator
     from dstack.store.disk import DiskError
 
     orch = Orchestrator(state, state.run(run_id))
@@ -235,7 +235,7 @@ def _log() -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m dstack.supervisor RUN_ID`: the detached orchestrator process."""
+    """`python -m dstack.scheduler.daemon RUN_ID`: the detached orchestrator process."""
     argv = sys.argv[1:] if argv is None else argv
     import logging
     import traceback
@@ -253,6 +253,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from dstack.supervisor import main as _main  # the module's own copy, not this __main__ one
+    from dstack.scheduler.daemon import main as _main  # the module's own copy, not this __main__ one
 
     _main()
