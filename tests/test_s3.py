@@ -168,6 +168,22 @@ def test_a_local_job_saving_an_unchanged_set_again_asks_the_bucket_nothing(
     assert calls == []  # the digest cache knows every object is in the bucket
 
 
+def test_a_new_manifest_is_one_conditional_put(store: S3ObjectStore) -> None:
+    from dstack.store.objects import Manifest
+
+    entry = {"path": "a", "size": 1, "mode": 0o100644, "digest": digest_bytes(b"a")}
+    manifest = Manifest.model_validate({"entries": [entry]})
+    calls = _count_calls(store)
+    store.put_manifest("jobs/j1/attempt-1", manifest)
+    assert calls == ["PutObject"]  # no HEAD first: a job's re-save of a known set is this one request
+    store.put_manifest("jobs/j1/attempt-1", manifest)  # the same again: 412, then read and compared
+    assert calls == ["PutObject", "PutObject", "GetObject"]
+    other = Manifest.model_validate({"entries": [dict(entry, path="b")]})
+    with pytest.raises(ArtifactError, match="already exists with different content"):
+        store.put_manifest("jobs/j1/attempt-1", other)
+    assert store.get_manifest("jobs/j1/attempt-1").digest() == manifest.digest()
+
+
 def test_a_small_object_downloads_in_one_request(store: S3ObjectStore, tmp_path: Path) -> None:
     for data in (b"a small object", b""):
         d = digest_bytes(data)

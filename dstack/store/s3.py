@@ -367,9 +367,7 @@ class S3ObjectStore(ObjectStore):
             if data is not None and parse_manifest(data, name).digest() != manifest.digest():
                 raise ArtifactError(f"manifest {name!r} already exists with different content")
 
-        if self._head(key) is not None:
-            check_same()
-            return
+        # one conditional PUT, no HEAD first: a new job's manifest is one request (412: it was there)
         with self._errors(f"write {key}"):
             try:
                 self.client.put_object(
