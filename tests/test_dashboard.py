@@ -19,22 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import copy_example, dstack
+from helpers import CHROMIUM_ARGS, copy_example, dstack
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
 SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
 WAIT_MS = 30_000  # the longest any page wait may take
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DONE = "#3fb950"  # app.js COLORS.done
 PIPELINE = """\
 workflows:

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import dstack
+from helpers import CHROMIUM_ARGS, dstack
 from sshd import SSHDFactory
 from test_ports import Cli, add_host, get, job_row, last_run, stop_runs
 
@@ -83,13 +83,7 @@ def test_lab_through_the_forward_with_its_token(
                 [
                     chromium,
                     "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
+                    *CHROMIUM_ARGS,
                     "--disable-dev-shm-usage",
                     f"--user-data-dir={tmp_path / 'chromium'}",
                     "--virtual-time-budget=20000",
