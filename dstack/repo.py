@@ -156,11 +156,7 @@ def snapshot_repo(project_root: Path, store: ObjectStore, cache: DigestCache) ->
             found[rel] = SourceFile(rel, path, st)
         # directories here are submodules: not snapshotted
     files = store_files(found.values(), store, cache, under=top).manifest
-    real_project = project_root.resolve()
-    try:
-        subdir = real_project.relative_to(repo_root.resolve()).as_posix()
-    except ValueError:
-        subdir = "."
+    subdir = _working_subdir(project_root, repo_root)
     return RepoState(
         repo_root=repo_root,
         project_root=project_root,
@@ -218,10 +214,7 @@ def snapshot_commit(project_root: Path, store: ObjectStore, rev: str, into: Path
             f.write(data)
         os.chmod(path, 0o755 if mode == b"100755" else 0o644)
         found.append(SourceFile(rel, path, os.lstat(path)))
-    try:
-        subdir = project_root.resolve().relative_to(repo_root.resolve()).as_posix()
-    except ValueError:
-        subdir = "."
+    subdir = _working_subdir(project_root, repo_root)
     return RepoState(
         repo_root=repo_root,
         project_root=project_root,
@@ -233,6 +226,14 @@ def snapshot_commit(project_root: Path, store: ObjectStore, rev: str, into: Path
         files=store_files(found, store, None, under=os.fspath(into)).manifest,
         working_subdir=subdir or ".",
     )
+
+
+def _working_subdir(project_root: Path, repo_root: Path) -> str:
+    """The project root (the folder with `.dstack/`) relative to the repo root, "." when they are one."""
+    try:
+        return project_root.resolve().relative_to(repo_root.resolve()).as_posix()
+    except ValueError:
+        return "."
 
 
 def is_included(path: str, patterns: list[str]) -> bool:
