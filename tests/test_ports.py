@@ -229,7 +229,7 @@ def test_container_port_on_an_ssh_host(
 ) -> None:
     """A loopback sshd host shares this machine's ports, so the forward takes another local port: a URL
     whose port is not the container's proves the request went over SSH to the host's published port."""
-    server = sshd_factory.loopback()
+    server = sshd_factory.loopback(env={"DOCKER_HOST": os.environ["DOCKER_HOST"]})  # the test's engine
     body = f"  - name: web\n    image: {python_image}\n    ports: 1\n    commands:\n      - {SERVE}\n"
     repo = repo_with(make_repo, body)
     add_host(server, repo, "dock")

@@ -28,11 +28,13 @@ def watch(orch: Orchestrator, job: Job) -> None:
 
     runner = orch.runner(job.runner or "local")
     name = job.runner or "local"
-    if job.runner != "local" and name not in orch.unreachable_since:
-        mirror_log(orch, runner, job)
+    asked = time.monotonic()  # a host that doesn't answer has been silent since we asked, not since we gave up
     try:
+        if job.runner != "local" and name not in orch.unreachable_since:
+            mirror_log(orch, runner, job, lost_raises=True)
         state = runner.poll_job(job.id)
     except HostError as e:
+        orch.unreachable_since.setdefault(name, asked)
         lost = host_unreachable(orch, job, e)
         if lost is None:
             return
@@ -121,19 +123,24 @@ def mirror_path(job: Job) -> Path:
     return sub("logs") / name
 
 
-def mirror_log(orch: Orchestrator, runner: Runner, job: Job) -> None:
-    """Copy what the attempt printed on its host since the last call to its log here."""
+def mirror_log(orch: Orchestrator, runner: Runner, job: Job, lost_raises: bool = False) -> None:
+    """Copy what the attempt printed on its host since the last call to its log here (`lost_raises`: a host
+    that doesn't answer raises HostError; else it is only marked unreachable)."""
     path = mirror_path(job)
     key = f"{job.id}#{job.attempt}"  # a new attempt's log starts at 0 again
     offset = orch.log_offsets.get(key)
     if offset is None:
         offset = path.stat().st_size if path.exists() else 0
+    asked = time.monotonic()
     with open(path, "ab") as f:
         while True:  # a runner hands back a bounded chunk per call
             try:
                 data = runner.read_log(job.id, offset)
             except HostError:
-                orch.unreachable_since.setdefault(job.runner or "local", time.monotonic())
+                orch.log_offsets[key] = offset
+                if lost_raises:
+                    raise
+                orch.unreachable_since.setdefault(job.runner or "local", asked)
                 break
             except DstackError:
                 break
