@@ -28,7 +28,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
 
     runner = orch.runner(job.runner or "local")
     name = job.runner or "local"
-    asked = time.monotonic()  # a host that doesn't answer has been silent since we asked, not since we gave up
+    asked = time.monotonic()  # a host that doesn't answer is silent since we asked, not since we gave up
     try:
         if job.runner != "local" and name not in orch.unreachable_since:
             mirror_log(orch, runner, job, lost_raises=True)
