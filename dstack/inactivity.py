@@ -51,7 +51,7 @@ def stop_if_idle(state: State, runner: Runner, job: Job, keep: bool = False) -> 
     """Stop the job (True) when none of its ports had a connection for its `inactivity`."""
     from dstack.ports import established, job_ports
 
-    limit = job.spec.get("inactivity_s") or 0.0
+    limit = job.spec.inactivity_s or 0.0
     ports = job_ports(job.reserved)
     if not limit or not ports:
         return False

@@ -149,10 +149,9 @@ def follow_rank(
     """Rank `rank`'s output of the run's multi-node jobs, read from their runner; `follow`: to the end."""
     from dstack.backends import open_runner
     from dstack.errors import UsageError
-    from dstack.specs import JobSpec
 
     run = state.run(run_id)
-    jobs = [j for j in state.jobs(run_id) if JobSpec.model_validate(j.spec).resources.nodes > rank]
+    jobs = [j for j in state.jobs(run_id) if j.spec.resources.nodes > rank]
     if not jobs or rank < 0:
         raise UsageError(
             f"run {run.name} has no job with a rank {rank}", hint="a `nodes: N` job has ranks 0 to N-1"

@@ -90,7 +90,7 @@ def compare_runs(state: State, run: Run, other: Run) -> list[Comparison]:
     def files(r: Run) -> dict[tuple[str, str], dict[str, str]]:
         result: dict[tuple[str, str], dict[str, str]] = {}
         for job in state.jobs(r.id):
-            key = (job.workflow, repr(sorted((job.spec.get("variables") or {}).items())))
+            key = (job.workflow, repr(sorted(job.variables.items())))
             result[key] = {a.path: a.digest for a in state.artifact_rows(job.reused_from or job.id)}
         return result
 

@@ -179,7 +179,7 @@ def _record_run(state: State, req: RunRequest, plan: Plan, reproduce_of: str | N
             run_id=run.id,
             workflow=planned.workflow,
             status=status_of[planned.key],
-            spec=_substitute_reserved(copy.deepcopy(planned.spec), name, job_id),
+            spec_data=_substitute_reserved(copy.deepcopy(planned.spec), name, job_id),
             key=planned.key,
             upstream=upstream,
             reused_from=(reused.reused_from or reused.id) if reused else None,
@@ -364,9 +364,7 @@ def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: b
     when its `retry` allows that kind, else failed with the reason. False if it had already moved on."""
     import time
 
-    from dstack.specs import JobSpec
-
-    rule = JobSpec.model_validate(job.spec).retry
+    rule = job.spec.retry
     if allow_retry and rule is not None and job.attempt <= rule.limit and kind in rule.on:
         earlier = {"attempt": job.attempt, "runner": job.runner, "log_path": job.log_path}
         return state.transition(

@@ -45,7 +45,7 @@ def publish_tag(state: State, store: ObjectStore, tag: Tag) -> None:
                 "workflow": j.workflow,
                 "key": j.key,
                 "manifest": j.manifest,
-                "spec": j.spec,
+                "spec": j.spec_data,
                 "runner": j.runner,
                 "created_at": j.created_at,
                 "started_at": j.started_at,
@@ -76,7 +76,7 @@ def import_tag(state: State, store: ObjectStore, name: str) -> bool:
     run = Run(**r, status="done", reason=f"shared tag {name}")
     if state.run_named(r["name"]):
         run.name = f"{run.name}-{run.id[:6]}"
-    jobs = [Job(**j, run_id=run.id, status="done", exit_code=0) for j in record["jobs"]]
+    jobs = [Job(**_job_fields(j), run_id=run.id, status="done", exit_code=0) for j in record["jobs"]]
     artifacts = {}
     for job in jobs:
         manifest = store.get_manifest(job.manifest or "")
@@ -88,3 +88,10 @@ def import_tag(state: State, store: ObjectStore, name: str) -> bool:
 
 def unpublish_tag(store: ObjectStore, name: str) -> None:
     store.delete_meta(f"tags/{name}")
+
+
+def _job_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A shared tag's job record as Job fields (the record names the stored spec `spec`, as jobs do)."""
+    fields = dict(record)
+    fields["spec_data"] = fields.pop("spec", {})
+    return fields

@@ -32,9 +32,8 @@ def running_job(state: State, ref: str, workflow: str | None) -> Job:
 
 def _inner(job_dir: str, workdir: str, job: Job, command: list[str], tty: bool) -> list[str]:
     """The argv run on the runner: the shell in the working directory, or in the job's container."""
-    from dstack.specs import JobSpec
 
-    if JobSpec.model_validate(job.spec).image:
+    if job.spec.image:
         from dstack.backends.docker import container_name
 
         sh = shlex.join(command) if command else "command -v bash >/dev/null && exec bash || exec sh"
@@ -48,13 +47,11 @@ def shell_argv(state: State, ref: str, workflow: str | None, command: list[str])
     """What to exec for a shell (or `command`) in the running job of run `ref`."""
     import posixpath
 
-    from dstack.specs import JobSpec
-
     if command[:1] == ["--"]:
         command = command[1:]
     job = running_job(state, ref, workflow)
     run = state.run(job.run_id)
-    spec = JobSpec.model_validate(job.spec)
+    spec = job.spec
     tty = sys.stdin.isatty()
     name = job.runner or "local"
     if name == "local":

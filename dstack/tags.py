@@ -53,7 +53,7 @@ def add_tag(
             run_id=run_id,
             workflow=name,
             status="done",
-            spec={"workflow": name},
+            spec_data={"workflow": name},
             exit_code=0,
             manifest=manifest_name,
             created_at=now,

@@ -273,7 +273,7 @@ def _job_on(state: State, host: str, retry: RetrySpec | None = None, status: str
         run_id=run_id,
         workflow="train",
         status=status,
-        spec=spec.model_dump(),
+        spec_data=spec.model_dump(),
         key=None,
         upstream=[],
         reused_from=None,
@@ -402,7 +402,7 @@ def test_spot_interruption_places_the_job_again_when_retry_allows(cloud: MotoSer
     assert lost.status == "failed" and (lost.reason or "").startswith("interrupted: ")
     assert store.get_host(state.db, name) is None
     # placed again: nothing fits any more, so a new instance is launched for it
-    assert ec2.launch_for(state, JobSpec.model_validate(again.spec)) not in (None, name)
+    assert ec2.launch_for(state, again.spec) not in (None, name)
 
 
 def test_an_instance_that_shut_itself_down_is_forgotten(cloud: MotoServer, state: State) -> None:

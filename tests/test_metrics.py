@@ -209,7 +209,11 @@ def test_exit_137_near_the_jobs_memory_limit_reads_as_out_of_memory() -> None:
     from dstack.store.state import Job
 
     job = Job(
-        id="job-oom", run_id="r", workflow="w", status="running", spec={"resources": {"memory_mib": 100}}
+        id="job-oom",
+        run_id="r",
+        workflow="w",
+        status="running",
+        spec_data={"workflow": "w", "resources": {"memory_mib": 100}},
     )
     lines = [{"t": 1.0 + i, "mem": (40 + 6 * i) * 1024 * 1024} for i in range(10)]  # up to 94 MiB
     store.ingest(job.id, "".join(json.dumps(x) + "\n" for x in lines).encode())
@@ -218,7 +222,11 @@ def test_exit_137_near_the_jobs_memory_limit_reads_as_out_of_memory() -> None:
     )
     assert oom_reason(job, 1) is None  # an ordinary failure
     small = Job(
-        id="job-small", run_id="r", workflow="w", status="running", spec={"resources": {"memory_mib": 1000}}
+        id="job-small",
+        run_id="r",
+        workflow="w",
+        status="running",
+        spec_data={"workflow": "w", "resources": {"memory_mib": 1000}},
     )
     store.ingest(small.id, b'{"t": 1, "mem": 1000000}\n')
     assert oom_reason(small, 137) is None  # killed, but not for memory

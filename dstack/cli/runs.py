@@ -111,7 +111,7 @@ def _sweep_table(state: State, sweep: str, as_json: bool) -> None:
                     "id": j.id,
                     "status": j.status,
                     "reason": j.reason,
-                    "variables": j.spec.get("variables", {}),
+                    "variables": j.variables,
                 }
                 for j in items
             ]
@@ -119,7 +119,7 @@ def _sweep_table(state: State, sweep: str, as_json: bool) -> None:
         return
     rows = [
         [
-            *(str(j.spec.get("variables", {}).get(k, "")) for k in swept),
+            *(str(j.variables.get(k, "")) for k in swept),
             ui.status(j.status),
             j.runner or "",
             j.reason or "",
@@ -272,8 +272,8 @@ def job_labels(jobs_: list) -> dict[str, str]:  # type: ignore[type-arg]
         if len(same) == 1:
             labels[job.id] = job.workflow
             continue
-        mine = job.spec.get("variables") or {}
-        differing = [k for k in mine if any((j.spec.get("variables") or {}).get(k) != mine[k] for j in same)]
+        mine = job.variables
+        differing = [k for k in mine if any(j.variables.get(k) != mine[k] for j in same)]
         labels[job.id] = f"{job.workflow}[" + ",".join(f"{k}={mine[k]}" for k in differing) + "]"
     return labels
 

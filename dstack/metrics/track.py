@@ -69,7 +69,7 @@ def oom_reason(job: Job, exit_code: int | None) -> str | None:
     if totals is None or "mem" not in totals.series:
         return None
     peak = int(max(totals.series["mem"].peak, totals.mem_peak))
-    wanted = (job.spec.get("resources") or {}).get("memory_mib")
+    wanted = job.spec.resources.memory_mib
     limits = [x for x in (totals.limit, (wanted or 0) * 1024 * 1024) if x]
     if not limits and len(totals.host) >= 3:
         limits.append(int(totals.host[2]))

@@ -144,9 +144,8 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
 
 def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
     """Start the job on a runner with room for it, or mark it waiting (or failed if none ever fits)."""
-    from dstack.specs import JobSpec
 
-    spec = JobSpec.model_validate(job.spec)
+    spec = job.spec
     if spec.image and not orch.docker_asked:
         from dstack.backends.local import docker_answers
 

@@ -24,7 +24,6 @@ HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed withi
 
 def watch(orch: Orchestrator, job: Job) -> None:
     """Poll a running job; finish it when it ended (artifacts saved, or failed, or placed again if lost)."""
-    from dstack.specs import JobSpec
 
     runner = orch.runner(job.runner or "local")
     name = job.runner or "local"
@@ -53,7 +52,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
         return
     if job.runner != "local":
         mirror_log(orch, runner, job)
-    spec = JobSpec.model_validate(job.spec)
+    spec = job.spec
     now = time.time()
     if state.status == "exited" and state.exit_code == 0:
         try:
@@ -183,15 +182,14 @@ def host_unreachable(orch: Orchestrator, job: Job, error: HostError) -> JobState
 
 def sync_real_time(orch: Orchestrator, runner: Runner, job: Job) -> None:
     """Save `real-time` (and `mount`) artifacts while the job runs, so a checkpoint outlives the host."""
-    from dstack.specs import JobSpec
 
-    if not any(a.get("real_time") or a.get("mount") for a in job.spec.get("artifacts", [])):
+    if not any(a.real_time or a.mount for a in job.spec.artifacts):
         return
     now = time.monotonic()
     if now - orch.rt_synced.get(job.id, 0.0) < REAL_TIME_INTERVAL:
         return
     orch.rt_synced[job.id] = now
-    spec = JobSpec.model_validate(job.spec)
+    spec = job.spec.model_copy()
     spec.artifacts = [a for a in spec.artifacts if a.real_time or a.mount]
     try:
         manifest, _ = runner.collect_artifacts(job.id, spec, orch.store, orch.run.working_subdir)

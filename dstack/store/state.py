@@ -15,10 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstack.errors import NotFoundError, UsageError
 from dstack.store.disk import Connection, disk_error
+
+if TYPE_CHECKING:
+    from dstack.specs import JobSpec
 
 MIGRATIONS: list[str] = [
     # 1: the first schema
@@ -134,7 +137,7 @@ class Job:
     run_id: str
     workflow: str
     status: str
-    spec: dict[str, Any] = field(default_factory=dict)
+    spec_data: dict[str, Any] = field(default_factory=dict)  # the JobSpec as stored; `spec` is its typed view
     key: str | None = None
     upstream: list[str] = field(default_factory=list)
     reused_from: str | None = None
@@ -155,12 +158,27 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         d = dict(row)
-        d["spec"] = json.loads(d["spec"])
+        d["spec_data"] = json.loads(d.pop("spec"))
         d["attempts"] = json.loads(d.get("attempts") or "[]")
         d["upstream"] = json.loads(d["upstream"] or "[]")
         d["reserved"] = json.loads(d["reserved"]) if d["reserved"] else None
         d.setdefault("run_name", "")
         return cls(**d)
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's spec, typed (validated once, on first use: listings that never read it stay fast)."""
+        typed = self.__dict__.get("_spec")
+        if typed is None:
+            from dstack.specs import JobSpec
+
+            typed = self.__dict__["_spec"] = JobSpec.model_validate(self.spec_data)
+        return typed
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """The workflow's resolved variables (read without validating the whole spec)."""
+        return dict(self.spec_data.get("variables") or {})
 
 
 @dataclass
@@ -288,7 +306,8 @@ class State:
     def _insert_job(self, db: sqlite3.Connection, job: Job) -> None:
         d = dict(job.__dict__)
         d.pop("run_name", None)
-        d["spec"] = json.dumps(d["spec"])
+        d.pop("_spec", None)
+        d["spec"] = json.dumps(d.pop("spec_data"))
         d["upstream"] = json.dumps(d["upstream"])
         d["attempts"] = json.dumps(d["attempts"])
         d["reserved"] = json.dumps(d["reserved"]) if d["reserved"] is not None else None
