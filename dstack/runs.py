@@ -19,6 +19,7 @@ from dstack.store.state import ACTIVE_RUN, Job, Run, State
 if TYPE_CHECKING:
     from dstack.backends.base import Runner
     from dstack.plans import Plan
+    from dstack.settings import StorageSettings
     from dstack.store.objects import ObjectStore
 
 
@@ -282,11 +283,14 @@ def _grid_of(run: Run) -> list[dict[str, str]] | None:
     return grid if len(grid) > 1 else None
 
 
-def _project_store(project: Any) -> dict[str, str]:
+def _project_store(project: Any) -> StorageSettings | None:
+    """The store the repo's `.dstack/config.yaml` names (a bucket), if any."""
+    from dstack.settings import StorageSettings
+
     settings = getattr(project, "settings", None)
     if settings is not None and getattr(settings, "bucket", None):
-        return {"url": f"s3://{settings.bucket}", "region": settings.region or ""}
-    return {}
+        return StorageSettings(f"s3://{settings.bucket}", region=settings.region or None)
+    return None
 
 
 def _substitute_reserved(spec: dict[str, Any], run_name: str, job_id: str) -> dict[str, Any]:

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dstack.settings import StorageSettings
     from dstack.store.objects import ObjectStore
     from dstack.store.state import State
 
 
-def open_object_store(state: State, default: dict[str, str] | None = None) -> ObjectStore:
+def open_object_store(state: State, default: StorageSettings | None = None) -> ObjectStore:
     """The artifact store: `dstack config storage`, else the repo's `.dstack/config.yaml`, else local."""
-    raw = state.setting("storage")
-    conf: dict[str, str] = json.loads(raw) if raw else dict(default or {})
-    if conf.get("url", "").startswith("s3://"):
+    from dstack.settings import StorageSettings
+
+    conf = StorageSettings.load(state, default)
+    if conf.is_s3:
         from dstack.store.s3 import S3ObjectStore
 
         return S3ObjectStore(
-            conf["url"],
-            endpoint_url=conf.get("endpoint_url"),
-            region=conf.get("region"),
-            profile=conf.get("profile"),
+            conf.url, endpoint_url=conf.endpoint_url, region=conf.region, profile=conf.profile
         )
     from dstack.home import sub
     from dstack.store.objects import LocalObjectStore
