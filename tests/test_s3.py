@@ -16,6 +16,7 @@ from s3server import S3Server
 from dstack.errors import ArtifactError, StorageError, UsageError
 from dstack.hashing import digest_bytes
 from dstack.store import s3 as s3mod
+from dstack.store import s3_download
 from dstack.store.objects import open_store
 from dstack.store.s3 import S3ObjectStore, parse_s3_url
 
@@ -42,7 +43,7 @@ def test_big_file_multipart_and_chunked_resume(store: S3ObjectStore, tmp_path: P
     dest = tmp_path / "out" / "big.bin"
     dest.parent.mkdir()
     part = dest.parent / f".big.bin.{d[:16]}.part"
-    part.write_bytes(data[: s3mod.CHUNK] + b"\0" * (len(data) - s3mod.CHUNK))
+    part.write_bytes(data[: s3_download.CHUNK] + b"\0" * (len(data) - s3_download.CHUNK))
     Path(f"{part}.chunks").write_text("[0]")
     ranges: list[str] = []
 
@@ -52,7 +53,7 @@ def test_big_file_multipart_and_chunked_resume(store: S3ObjectStore, tmp_path: P
     store.client.meta.events.register("before-call.s3.GetObject", record)
     store.get_file(d, dest)
     assert dest.read_bytes() == data
-    assert ranges == [f"bytes={s3mod.CHUNK}-{len(data) - 1}"]
+    assert ranges == [f"bytes={s3_download.CHUNK}-{len(data) - 1}"]
     assert not part.exists() and not Path(f"{part}.chunks").exists()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +19,11 @@ from dstack.store.base import (
     check_name,
     parse_manifest,
 )
+from dstack.store.s3_download import WORKERS, error_code, error_status, is_missing
+from dstack.store.s3_download import get_file as download
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
-CHUNK = 16 * 1024 * 1024  # ranged downloads, resumable chunk by chunk
 PART = 64 * 1024 * 1024  # multipart upload parts: fewer, bigger requests measured faster than 16 MiB
-_WORKERS = 8
 DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
 
 
@@ -36,20 +35,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket:
         raise UsageError(f"no bucket in {url!r}", hint="use s3://bucket/prefix")
     return bucket, prefix.strip("/")
-
-
-def _code(e: Exception) -> str:
-    response = getattr(e, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
-def _status(e: Exception) -> int:
-    response = getattr(e, "response", None) or {}
-    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _missing(e: Exception) -> bool:
-    return _code(e) in ("404", "NoSuchKey", "NotFound") or _status(e) == 404
 
 
 def _no_expect_continue(request: Any, **_: Any) -> None:
@@ -78,7 +63,7 @@ class S3ObjectStore(ObjectStore):
         except Exception as e:  # botocore's ProfileNotFound and friends
             raise StorageError(f"can't use AWS profile {profile!r}: {e}") from e
         config = Config(
-            max_pool_connections=4 * _WORKERS,
+            max_pool_connections=4 * WORKERS,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             signature_version="s3v4",
             # no SHA-256 (botocore signs every body over plain http) nor CRC32 over every byte sent: the
@@ -114,7 +99,7 @@ class S3ObjectStore(ObjectStore):
         try:
             yield
         except ClientError as e:
-            msg = e.response.get("Error", {}).get("Message") or _code(e)
+            msg = e.response.get("Error", {}).get("Message") or error_code(e)
             raise StorageError(f"{self.url}: can't {what}: {msg}") from e
         except BotoCoreError as e:
             raise StorageError(
@@ -130,7 +115,7 @@ class S3ObjectStore(ObjectStore):
             try:
                 return dict(self.client.head_object(Bucket=self.bucket, Key=key))
             except ClientError as e:
-                if _missing(e):
+                if is_missing(e):
                     return None
                 raise
 
@@ -169,7 +154,7 @@ class S3ObjectStore(ObjectStore):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
             except ClientError as e:
-                if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                if _lost_race(e):
                     return False  # someone stored it before us
                 raise
         return True
@@ -182,7 +167,7 @@ class S3ObjectStore(ObjectStore):
         config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=PART,
-            max_concurrency=_WORKERS,
+            max_concurrency=WORKERS,
         )
         with ThreadPoolExecutor(max_workers=1) as hasher:
             checked = hasher.submit(digest_file, path)
@@ -195,126 +180,7 @@ class S3ObjectStore(ObjectStore):
             raise ArtifactError(f"{path} changed while it was being saved (digest {actual[:12]})")
 
     def get_file(self, digest: str, dest: Path) -> None:
-        key = self.object_key(digest)
-        part = dest.parent / f".{dest.name[:100]}.{digest[:16]}.part"
-        for attempt in (1, 2):
-            resumed = self._download(key, part, digest)
-            actual = digest_file(part)
-            if actual == digest:
-                break
-            self._forget_part(part)
-            if not resumed or attempt == 2:
-                raise ArtifactError(
-                    f"object {digest} is corrupt (its content hashes to {actual[:12]}): "
-                    f"s3://{self.bucket}/{key}",
-                    hint="delete it and save the artifact again",
-                )
-        try:
-            os.replace(part, dest)
-        except OSError as e:
-            raise StorageError(f"can't write {dest}: {e.strerror or e}") from e
-        Path(f"{part}.chunks").unlink(missing_ok=True)
-
-    def _first_chunk(self, key: str, part: Path, digest: str) -> int:
-        """GET the first chunk of `key` into a new `part` (a small object: all of it, in one request, no
-        HEAD first) and return the object's size, which the reply's Content-Range gives."""
-        from botocore.exceptions import ClientError
-
-        with self._errors(f"download {key}"):
-            try:
-                reply = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{CHUNK - 1}")
-            except ClientError as e:
-                if _missing(e):
-                    raise ArtifactError(f"object {digest} is missing from {self.url}") from None
-                if _status(e) == 416 or _code(e) == "InvalidRange":  # an empty object has no byte 0
-                    part.write_bytes(b"")
-                    return 0
-                raise
-            total = str(reply.get("ContentRange") or "").rpartition("/")[2]
-            size = int(total) if total.isdigit() else int(reply["ContentLength"])
-            body = reply["Body"]
-            try:
-                with open(part, "wb") as f:
-                    for data in iter(lambda: body.read(1024 * 1024), b""):
-                        f.write(data)
-                    got = f.tell()
-                    f.truncate(size)
-            finally:
-                body.close()
-        if got != min(size, CHUNK):
-            raise StorageError(f"{self.url}: short read of {key} ({got} bytes of chunk 0)")
-        return size
-
-    @staticmethod
-    def _forget_part(part: Path) -> None:
-        part.unlink(missing_ok=True)
-        Path(f"{part}.chunks").unlink(missing_ok=True)
-
-    def _download(self, key: str, part: Path, digest: str) -> bool:
-        """Fetch `key` into `part` in ranged chunks, in parallel, skipping chunks a previous try finished.
-
-        Returns whether anything was resumed.
-        """
-        chunks_file = Path(f"{part}.chunks")
-        done: set[int] = set()
-        if part.exists() and chunks_file.exists():
-            head = self._head(key)
-            if head is None:
-                raise ArtifactError(f"object {digest} is missing from {self.url}")
-            size = int(head["ContentLength"])
-            try:
-                done = set(json.loads(chunks_file.read_text()))
-            except ValueError:
-                done = set()
-            if part.stat().st_size != size:
-                done = set()
-        resumed = bool(done)
-        if not done:
-            try:
-                size = self._first_chunk(key, part, digest)
-            except OSError as e:
-                raise StorageError(f"can't write {part}: {e.strerror or e}") from e
-            done = {0}
-        count = (size + CHUNK - 1) // CHUNK
-        todo = [i for i in range(count) if i not in done]
-        if not todo:
-            return resumed
-        fd = os.open(part, os.O_RDWR)
-        try:
-
-            def fetch(i: int) -> int:
-                start, end = i * CHUNK, min(size, (i + 1) * CHUNK) - 1
-                with self._errors(f"download {key}"):
-                    body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")[
-                        "Body"
-                    ]
-                    offset = start
-                    try:
-                        for data in iter(lambda: body.read(1024 * 1024), b""):
-                            os.pwrite(fd, data, offset)
-                            offset += len(data)
-                    finally:
-                        body.close()
-                if offset != end + 1:
-                    raise StorageError(
-                        f"{self.url}: short read of {key} ({offset - start} bytes of chunk {i})"
-                    )
-                return i
-
-            if len(todo) == 1:
-                done.add(fetch(todo[0]))
-            elif todo:
-                with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-                    for i in pool.map(fetch, todo):
-                        done.add(i)
-                        tmp = Path(f"{chunks_file}.tmp")
-                        tmp.write_text(json.dumps(sorted(done)))
-                        os.replace(tmp, chunks_file)
-        except OSError as e:
-            raise StorageError(f"can't write {part}: {e.strerror or e}") from e
-        finally:
-            os.close(fd)
-        return resumed
+        download(self, digest, dest)
 
     # -- presigned URLs (hosts that upload or download without credentials) --------------------
 
@@ -349,7 +215,7 @@ class S3ObjectStore(ObjectStore):
             try:
                 body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             except ClientError as e:
-                if _missing(e):
+                if is_missing(e):
                     return None
                 raise
             try:
@@ -378,7 +244,7 @@ class S3ObjectStore(ObjectStore):
                     IfNoneMatch="*",
                 )
             except ClientError as e:
-                if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                if _lost_race(e):
                     check_same()
                     return
                 raise
@@ -476,3 +342,8 @@ class S3ObjectStore(ObjectStore):
                         )
                         count += 1
         return count, 0
+
+
+def _lost_race(e: Exception) -> bool:
+    """A conditional write (If-None-Match) refused: someone stored the key first."""
+    return error_status(e) == 412 or error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict")
