@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import time
 from pathlib import Path
 
@@ -93,11 +94,19 @@ def test_cache_remembers_stored_objects(tmp_path: Path) -> None:
 
 
 def _digest_in_child(cache_path: str, files: list[str], out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    with DigestCache(Path(cache_path)) as cache:
-        out.put(cache.digest_many([Path(f) for f in files]))
+    import faulthandler
+    import traceback
+
+    faulthandler.dump_traceback_later(50, exit=True)  # a hang shows where, in the test's captured stderr
+    try:
+        with DigestCache(Path(cache_path)) as cache:
+            out.put(cache.digest_many([Path(f) for f in files]))
+    except BaseException:
+        out.put(traceback.format_exc())
 
 
 def test_cache_is_safe_for_two_processes(tmp_path: Path) -> None:
+    """Two processes digest the same files into one fresh cache at once: both get the right digests."""
     files = [_old_file(tmp_path / "p" / f"{i}", os.urandom(100)) for i in range(300)]
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -107,12 +116,22 @@ def test_cache_is_safe_for_two_processes(tmp_path: Path) -> None:
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=60) for _ in procs]
+    results: list[object] = []
+    deadline = time.monotonic() + 90
+    while len(results) < len(procs) and time.monotonic() < deadline:
+        try:
+            results.append(out.get(timeout=1))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"a child died (exit codes {dead}) before it answered"
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=30)
         assert p.exitcode == 0
     out.close()
     out.join_thread()
+    errors = [r for r in results if isinstance(r, str)]
+    assert not errors, errors[0]
+    assert len(results) == 2, "a child answered nothing within 90 s"
     assert results[0] == results[1] == [digest_file(f) for f in files]
 
 
