@@ -142,6 +142,21 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
     return reserved
 
 
+def held_on(state: State, runner: str) -> list[dict[str, Any]]:
+    """What active jobs hold on a runner now: a multi-node job, what its rank there holds."""
+    held = []
+    for reserved in state.reservations(runner):
+        ranks = reserved.get("ranks")
+        if not ranks:
+            held.append(reserved)
+            continue
+        for i, rank in enumerate(ranks):
+            if rank.get("runner") == runner:
+                ports = [*rank.get("ports", []), *(reserved.get("ports", []) if i == 0 else [])]
+                held.append({**rank, "ports": ports})
+    return held
+
+
 def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
     """Start the job on a runner with room for it, or mark it waiting (or failed if none ever fits)."""
     from dstack.specs import JobSpec
@@ -163,6 +178,11 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
             orch.fail(job, f"runner '{pin}' is not available (disabled, unreachable or removed)")
             return
     reasons = {s.name: shortfall(s.capacity, spec) for s in slots}
+    if spec.resources.nodes > 1 and not any(s.capacity.queued and reasons[s.name] is None for s in slots):
+        from dstack.scheduler.gang import place_gang
+
+        place_gang(orch, job, spec, slots, reasons, upstream)  # no cluster takes it: N SSH hosts do
+        return
     fitting = [s for s in slots if reasons[s.name] is None]
     if not fitting:
         why = "; ".join(f"{n}: not enough {r}" for n, r in reasons.items()) or "no runner is enabled"
@@ -183,7 +203,7 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
     chosen = None
     with orch.state.transaction():
         for slot in fitting:
-            held = orch.state.reservations(slot.name)
+            held = held_on(orch.state, slot.name)
             reserved = reserve(slot.capacity, held, spec)
             if reserved is not None:
                 chosen = slot
