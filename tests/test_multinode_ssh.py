@@ -62,6 +62,14 @@ workflows:
     nodes: 2
     resources: {cpu: 2}
     commands: ['echo "rank $DSTACK_NODE_RANK next"']
+  - name: both-sleep
+    nodes: 2
+    commands: ['echo "rank $DSTACK_NODE_RANK sleeping"', "sleep 120"]
+  - name: torch
+    provider: torchrun
+    script: train.py
+    nodes: 2
+    commands: ['export PATH="$PWD/bin:$PATH"']
   - name: three
     nodes: 3
     commands: [echo never]
@@ -90,7 +98,11 @@ def two_hosts(sshd_factory, make_repo) -> Iterator[tuple[Path, list]]:
     for rule in (["-i", a, "-o", b, "-j", "ACCEPT"], ["-i", b, "-o", a, "-j", "ACCEPT"]):
         _sh("iptables", "-I", "FORWARD", *rule)  # dockerd's FORWARD policy is DROP
         rules.append(rule)
-    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, "meet.py": RENDEZVOUS})
+    # a stand-in for torch's launcher (torch is not needed here): it says what it was asked
+    torchrun = '#!/bin/sh\necho "torchrun $*"\n'
+    repo = make_repo({".dstack/workflows.yaml": WORKFLOWS, "meet.py": RENDEZVOUS, "bin/torchrun": torchrun})
+    (repo / "bin/torchrun").chmod(0o755)
+    subprocess.run(["git", "commit", "-qam", "executable"], cwd=repo, check=True, timeout=10)
     add_host(servers[0], "one", repo)
     add_host(servers[1], "two", repo)
     try:
@@ -181,6 +193,8 @@ def test_busy_hosts_make_the_job_wait_and_stop_ends_every_rank(two_hosts):
         assert time.time() < deadline, _job(repo, first)
         time.sleep(0.3)
     assert all(_job_processes(s) for s in servers)  # a rank on each host
+    hosts = {h["name"]: h for h in json.loads(dstack("hosts", "--json", cwd=repo).out)}
+    assert hosts["one"]["jobs"] == hosts["two"]["jobs"] == [f"{first}/hold"]
 
     dstack("run", "next", "-d", cwd=repo)
     second = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
@@ -203,3 +217,39 @@ def test_busy_hosts_make_the_job_wait_and_stop_ends_every_rank(two_hosts):
         assert time.time() < deadline, _job(repo, second)
         time.sleep(0.3)
     assert "rank 1 next" in dstack("logs", second, "--rank", "1", cwd=repo).out
+
+
+def test_a_rank_whose_host_is_lost_ends_the_others(two_hosts, monkeypatch):
+    monkeypatch.setenv("DSTACK_HOST_LOST_S", "5")
+    repo, servers = two_hosts
+    dstack("run", "both-sleep", "-d", cwd=repo)
+    run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
+    deadline = time.time() + 30
+    while "rank 1 sleeping" not in dstack("logs", run, "--rank", "1", cwd=repo).out:
+        assert time.time() < deadline, _job(repo, run)
+        time.sleep(0.3)
+    servers[1].cut()
+    cut_at = time.time()
+    try:
+        while _job(repo, run)["status"] == "running" and time.time() - cut_at < 45:
+            time.sleep(0.5)
+        took, job = time.time() - cut_at, _job(repo, run)
+    finally:
+        servers[1].reconnect()
+    assert job["status"] == "failed" and took < 35, (took, job)
+    assert "rank 1 on two: host two stopped answering" in job["reason"], job
+    assert not _job_processes(servers[0])  # rank 0 was stopped
+
+
+def test_torchrun_provider_passes_each_rank_its_place(two_hosts):
+    repo, servers = two_hosts
+    res = dstack("run", "torch", cwd=repo, timeout=60)
+    run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
+    master = servers[0].host
+    want = (
+        "torchrun --nnodes 2 --nproc_per_node 1 --node_rank {} --master_addr "
+        + master
+        + " --master_port 29500"
+    )
+    assert want.format(0) + " train.py" in res.out
+    assert want.format(1) + " train.py" in dstack("logs", run, "--rank", "1", cwd=repo).out

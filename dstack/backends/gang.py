@@ -158,13 +158,14 @@ class GangRunner(Runner):
     def poll_job(self, job_id: str) -> JobState:
         """Running while every rank runs or is done; a rank that failed or whose host was lost ends the
         others, and the job's state names that rank."""
+        asked = time.monotonic()  # a host that doesn't answer is silent since we asked, not since we gave up
         results = self._each(lambda i, r: r.poll_job(job_id))
         states: list[JobState] = []
         now = time.monotonic()
         for i, res in enumerate(results):
             host = self.ranks[i].name
             if isinstance(res, HostError):
-                since = self._silent.setdefault(host, now)
+                since = self._silent.setdefault(host, asked)
                 log.warning("rank %d: host %s unreachable for %.1fs: %s", i, host, now - since, res)
                 if now - since < HOST_LOST_S:
                     states.append(JobState("running"))

@@ -49,7 +49,8 @@ def place_gang(
             held = {**chosen[0][1], "ranks": ranks}
             orch.state.set_job(job.id, status="starting", runner=name, reserved=held)
     if len(chosen) < nodes:
-        why = f"{nodes} hosts with {_wants(spec)} free are needed; {len(chosen)} have that now"
+        have = f"{len(chosen)} {'has' if len(chosen) == 1 else 'have'} that now"
+        why = f"{nodes} hosts with {_wants(spec)} free are needed; {have}"
         if job.status != "waiting" or job.reason != why:
             orch.state.set_job(job.id, status="waiting", reason=why)
         return
