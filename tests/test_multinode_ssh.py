@@ -253,3 +253,19 @@ def test_torchrun_provider_passes_each_rank_its_place(two_hosts):
     )
     assert want.format(0) + " train.py" in res.out
     assert want.format(1) + " train.py" in dstack("logs", run, "--rank", "1", cwd=repo).out
+
+
+def test_a_rank_that_cannot_be_laid_out_starts_no_rank(two_hosts):
+    repo, servers = two_hosts
+    (servers[1].dir / "home/.dstack").mkdir(exist_ok=True)
+    (servers[1].dir / "home/.dstack/jobs").write_text("not a folder: no job can be laid out on this host\n")
+    res = dstack("run", "both-sleep", cwd=repo, timeout=30, check=False)
+    assert res.code != 0
+    run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
+    job = _job(repo, run)
+    assert (
+        job["status"] == "failed"
+        and "could not start on one+two: rank 1 on two: could not lay out" in job["reason"]
+    )
+    assert not (servers[0].dir / "home/.dstack/jobs" / job["id"]).exists()  # rank 0's folder went again
+    assert not _job_processes(servers[0]) and "sleeping" not in res.out  # and nothing was launched

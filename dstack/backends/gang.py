@@ -91,9 +91,10 @@ class GangRunner(Runner):
             return list(pool.map(call, range(len(self.ranks))))
 
     def _first_error(self, results: list[Any], what: str) -> None:
+        """Raise the first rank's failure among `results`, naming the rank and its host."""
         for i, res in enumerate(results):
             if isinstance(res, DstackError):
-                raise type(res)(f"rank {i} on {self.ranks[i].name}: {what}: {res}") from res
+                raise HostError(f"rank {i} on {self.ranks[i].name}: {what}: {res}") from res
             if isinstance(res, Exception):
                 raise res
 
@@ -131,7 +132,7 @@ class GangRunner(Runner):
             self._first_error(laid, "could not lay out the job")
         launched = self._each(lambda i, r: process.launch(r.conn, r.job_dir(ctx.job_id)))
         if any(isinstance(r, Exception) or not r for r in launched):
-            self.stop_job(ctx.job_id)
+            self._each(lambda i, r: r.stop_job(ctx.job_id))
             self._first_error(launched, "could not launch the job")
             bad = next(i for i, r in enumerate(launched) if not r)
             raise HostError(f"rank {bad} on {self.ranks[bad].name}: the job's process did not start")
