@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dstack.scheduler.placement import _wants, held_on, reserve, start
+from dstack.scheduler.placement import held_on, reserve, start, wanted
 
 if TYPE_CHECKING:
     from dstack.scheduler.loop import Orchestrator
@@ -50,7 +50,7 @@ def place_gang(
             orch.state.set_job(job.id, status="starting", runner=name, reserved=held)
     if len(chosen) < nodes:
         have = f"{len(chosen)} {'has' if len(chosen) == 1 else 'have'} that now"
-        why = f"{nodes} hosts with {_wants(spec)} free are needed; {have}"
+        why = f"{nodes} hosts with {wanted(spec)} free are needed; {have}"
         if job.status != "waiting" or job.reason != why:
             orch.state.set_job(job.id, status="waiting", reason=why)
         return

@@ -211,7 +211,7 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
                 break
     if chosen is None:
         if job.status != "waiting":
-            orch.state.set_job(job.id, status="waiting", reason="no runner has " + _wants(spec) + " free now")
+            orch.state.set_job(job.id, status="waiting", reason="no runner has " + wanted(spec) + " free now")
         return
     start(orch, job, spec, chosen.name, reserved or {}, upstream)
 
@@ -260,7 +260,8 @@ def start(
         runner.cleanup_job(job.id, keep=orch.run.keep)
 
 
-def _wants(spec: Any) -> str:
+def wanted(spec: Any) -> str:
+    """What the job asks of one runner, in words: `2 CPU, 4096 MiB memory, 1 A100 GPU`."""
     res = spec.resources
     parts = [f"{res.cpu or 1:g} CPU"]
     if res.memory_mib:
