@@ -81,7 +81,7 @@ def open_port_ends(state: State, job: Job) -> list[PortEnd]:
     from dstack.ssh.connection import get_connection
     from dstack.ssh.forward import Forward
 
-    target = target_of(get(state.db, job.runner or "local"))
+    target = target_of(get(state.db, (job.runner or "local").split("+")[0]))  # multi-node: rank 0's host
     get_connection(target, name=job.runner)  # connect now, not on the first request
     ends: list[PortEnd] = []
     try:

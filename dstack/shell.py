@@ -53,7 +53,7 @@ def shell_argv(state: State, ref: str, workflow: str | None, command: list[str])
     run = state.run(job.run_id)
     spec = job.spec
     tty = sys.stdin.isatty()
-    name = job.runner or "local"
+    name = (job.runner or "local").split("+")[0]  # a multi-node job's: rank 0's host (dstack.backends.gang)
     if name == "local":
         from dstack.backends.local import LocalRunner
 

@@ -15,6 +15,10 @@ def open_runner(state: State, name: str) -> Runner:
         from dstack.backends.local import LocalRunner
 
         return LocalRunner()
+    if "+" in name:  # a multi-node job's hosts (dstack.backends.gang)
+        from dstack.backends.gang import GangRunner
+
+        return GangRunner.for_runner(state, name)
     from dstack.store.hosts import get_host
 
     host = get_host(state.db, name)

@@ -107,6 +107,34 @@ def job_env(ctx: JobContext, passthrough: dict[str, str] | None = None) -> dict[
     return env
 
 
+MASTER_PORT = 29500  # a multi-node job's rendezvous port on rank 0 (the next free one where it is taken)
+
+
+def nodes_env(nodes: str, ips: str, master: str, port: str, gpus_per_node: str) -> dict[str, str]:
+    """What every rank of a multi-node job shares: the node count, the nodes' addresses, the rendezvous.
+
+    The one list of these names: Slurm's batch script exports them with shell words, SSH hosts as values."""
+    return {
+        "DSTACK_NODES_NUM": nodes,
+        "WORLD_SIZE": nodes,
+        "DSTACK_NODES_IPS": ips,
+        "DSTACK_MASTER_NODE_ADDR": master,
+        "MASTER_ADDR": master,
+        "MASTER_PORT": port,
+        "DSTACK_GPUS_PER_NODE": gpus_per_node,
+    }
+
+
+def node_rank_env(rank: str) -> dict[str, str]:
+    """What tells the ranks of a multi-node job apart."""
+    return {"DSTACK_NODE_RANK": rank, "NODE_RANK": rank}
+
+
+def shell_exports(env: dict[str, str]) -> str:
+    """One `export K=WORD ...` line whose values are shell words, as written (`$rank`, `"${ips%%,*}"`)."""
+    return "export " + " ".join(f"{key}={word}" for key, word in env.items())
+
+
 def render_env(env: dict[str, str]) -> str:
     """`export K=v` lines: only `$NAME`/`${NAME}` references in values are expanded by the shell, never
     `$(…)` or backticks; names that are not valid shell identifiers are skipped."""

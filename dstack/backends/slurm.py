@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState
+from dstack.backends.script import node_rank_env, nodes_env, shell_exports
 from dstack.backends.slurm_cluster import SlurmCluster, SlurmPartition, read_cluster
 from dstack.backends.ssh import SSHRunner
 from dstack.errors import HostError
@@ -68,9 +69,7 @@ for name in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/de
   esac
   ips="${ips:+$ips,}${ip:-$name}"
 done
-export DSTACK_NODES_NUM=$nodes WORLD_SIZE=$nodes DSTACK_NODES_IPS=$ips
-export DSTACK_MASTER_NODE_ADDR=${ips%%,*} MASTER_ADDR=${ips%%,*}
-export MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
+@NODES_ENV@
 if [ "$nodes" -gt 1 ]; then
   srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \\
     --kill-on-bad-exit=1 bash ./rank.sh < /dev/null &
@@ -85,10 +84,23 @@ exit $code
 """
 RANK_SH = """#!/usr/bin/env bash
 rank=${SLURM_NODEID:-0}
-export DSTACK_NODE_RANK=$rank NODE_RANK=$rank
+@RANK_ENV@
 if [ "$rank" = 0 ]; then exec bash ./job.sh; fi
 exec bash ./job.sh > "rank-$rank.log" 2>&1
 """
+SLURM_SH = SLURM_SH.replace(
+    "@NODES_ENV@",
+    shell_exports(
+        nodes_env(
+            nodes="$nodes",
+            ips="$ips",
+            master="${ips%%,*}",
+            port="$((20000 + ${SLURM_JOB_ID:-0} % 20000))",
+            gpus_per_node="${DSTACK_GPUS_PER_NODE:-0}",
+        )
+    ),
+)
+RANK_SH = RANK_SH.replace("@RANK_ENV@", shell_exports(node_rank_env("$rank")))
 
 
 class SlurmRunner(SSHRunner):

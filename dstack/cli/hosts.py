@@ -37,7 +37,8 @@ def hosts(
         items = list_hosts(state.db)
         busy: dict[str, list[str]] = {}
         for job in state.jobs(statuses=("starting", "running")):
-            busy.setdefault(job.runner or "local", []).append(f"{job.run_name}/{job.workflow}")
+            for name in (job.runner or "local").split("+"):  # a multi-node job is on each of its hosts
+                busy.setdefault(name, []).append(f"{job.run_name}/{job.workflow}")
         from dstack.metrics.summary import host_usage
 
         usage = host_usage(state)  # from the latest samples of jobs running there now

@@ -95,7 +95,8 @@ def hosts_view(state: State) -> list[dict[str, Any]]:
     usage = host_usage(state)
     busy: dict[str, list[str]] = {}
     for job in state.jobs(statuses=("starting", "running")):
-        busy.setdefault(job.runner or "local", []).append(f"{job.run_name}/{job.workflow}")
+        for name in (job.runner or "local").split("+"):  # a multi-node job is on each of its hosts
+            busy.setdefault(name, []).append(f"{job.run_name}/{job.workflow}")
     rows = []
     for h in list_hosts(state.db):
         cap = h.capacity

@@ -142,6 +142,21 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
     return reserved
 
 
+def held_on(state: State, runner: str) -> list[dict[str, Any]]:
+    """What active jobs hold on a runner now: a multi-node job, what its rank there holds."""
+    held = []
+    for reserved in state.reservations(runner):
+        ranks = reserved.get("ranks")
+        if not ranks:
+            held.append(reserved)
+            continue
+        for i, rank in enumerate(ranks):
+            if rank.get("runner") == runner:
+                ports = [*rank.get("ports", []), *(reserved.get("ports", []) if i == 0 else [])]
+                held.append({**rank, "ports": ports})
+    return held
+
+
 def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
     """Start the job on a runner with room for it, or mark it waiting (or failed if none ever fits)."""
 
@@ -162,6 +177,11 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
             orch.fail(job, f"runner '{pin}' is not available (disabled, unreachable or removed)")
             return
     reasons = {s.name: shortfall(s.capacity, spec) for s in slots}
+    if spec.resources.nodes > 1 and not any(s.capacity.queued and reasons[s.name] is None for s in slots):
+        from dstack.scheduler.gang import place_gang
+
+        place_gang(orch, job, spec, slots, reasons, upstream)  # no cluster takes it: N SSH hosts do
+        return
     fitting = [s for s in slots if reasons[s.name] is None]
     if not fitting:
         why = "; ".join(f"{n}: not enough {r}" for n, r in reasons.items()) or "no runner is enabled"
@@ -182,7 +202,7 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
     chosen = None
     with orch.state.transaction():
         for slot in fitting:
-            held = orch.state.reservations(slot.name)
+            held = held_on(orch.state, slot.name)
             reserved = reserve(slot.capacity, held, spec)
             if reserved is not None:
                 chosen = slot
@@ -190,7 +210,7 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
                 break
     if chosen is None:
         if job.status != "waiting":
-            orch.state.set_job(job.id, status="waiting", reason="no runner has " + _wants(spec) + " free now")
+            orch.state.set_job(job.id, status="waiting", reason="no runner has " + wanted(spec) + " free now")
         return
     start(orch, job, spec, chosen.name, reserved or {}, upstream)
 
@@ -239,7 +259,8 @@ def start(
         runner.cleanup_job(job.id, keep=orch.run.keep)
 
 
-def _wants(spec: Any) -> str:
+def wanted(spec: Any) -> str:
+    """What the job asks of one runner, in words: `2 CPU, 4096 MiB memory, 1 A100 GPU`."""
     res = spec.resources
     parts = [f"{res.cpu or 1:g} CPU"]
     if res.memory_mib:

@@ -455,10 +455,11 @@ class State:
         return Job.from_row(row) if row else None
 
     def reservations(self, runner: str) -> list[dict[str, Any]]:
-        """What active jobs hold on a runner right now (call inside a transaction)."""
+        """What active jobs hold on a runner right now (call inside a transaction); a multi-node job's
+        runner names its hosts joined by '+' (dstack.backends.gang): it holds something on each."""
         rows = self.db.execute(
-            "SELECT reserved FROM jobs WHERE runner = ? AND status IN ('starting', 'running') "
-            "AND reserved IS NOT NULL",
+            "SELECT reserved FROM jobs WHERE instr('+' || runner || '+', '+' || ? || '+') > 0 "
+            "AND status IN ('starting', 'running') AND reserved IS NOT NULL",
             (runner,),
         ).fetchall()
         return [json.loads(r[0]) for r in rows]
