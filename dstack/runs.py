@@ -369,6 +369,10 @@ def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: b
     rule = JobSpec.model_validate(job.spec).retry
     if allow_retry and rule is not None and job.attempt <= rule.limit and kind in rule.on:
         earlier = {"attempt": job.attempt, "runner": job.runner, "log_path": job.log_path}
+        if job.manifest and job.manifest.startswith(f"jobs/{job.id}/rt-"):
+            earlier["resume"] = (
+                job.manifest
+            )  # its last real-time artifacts: the next attempt starts from them
         return state.transition(
             job.id, ("starting", "running"), status="pending", runner=None, reserved=None,
             attempt=job.attempt + 1, reason=f"attempt {job.attempt} failed ({reason}); retrying",
@@ -377,3 +381,13 @@ def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: b
     return state.transition(
         job.id, ("starting", "running"), status="failed", reason=reason, finished_at=time.time()
     )
+
+
+def resume_point(job: Job) -> tuple[int, str] | None:
+    """The real-time artifacts the job's next attempt starts from: (the attempt that saved them, manifest
+    name); None when the last attempt had saved none."""
+    if not job.attempts or not job.attempts[-1].get("resume"):
+        return None
+    name = str(job.attempts[-1]["resume"])
+    saved_by = min(int(a["attempt"]) for a in job.attempts if a.get("resume") == name)
+    return saved_by, name

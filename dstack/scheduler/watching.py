@@ -16,6 +16,7 @@ from dstack.store.state import ArtifactRow, Job
 if TYPE_CHECKING:
     from dstack.backends.base import JobState, Runner
     from dstack.scheduler.loop import Orchestrator
+    from dstack.store.objects import Manifest
 
 log = logging.getLogger("dstack.orchestrator")
 REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
@@ -63,6 +64,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
             return
         if job.runner != "local":
             mirror_log(orch, runner, job)  # what collecting added to the job's log
+        manifest = with_restored(orch, job, manifest)
         name = f"jobs/{job.id}/attempt-{job.attempt}"
         orch.store.put_manifest(name, manifest)
         rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
@@ -197,9 +199,31 @@ def sync_real_time(orch: Orchestrator, runner: Runner, job: Job) -> None:
         manifest, _ = runner.collect_artifacts(job.id, spec, orch.store, orch.run.working_subdir)
     except DstackError:
         return
+    manifest = with_restored(orch, job, manifest)
     if not manifest.entries:
         return
     name = f"jobs/{job.id}/rt-{manifest.digest()[:16]}"
     orch.store.put_manifest(name, manifest)
     rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
     orch.state.save_artifact_rows(job.id, rows, name)
+
+
+def with_restored(orch: Orchestrator, job: Job, manifest: Manifest) -> Manifest:
+    """A resumed attempt's artifacts: what it restored from the earlier attempt plus what it wrote (nothing
+    already saved is lost, even where the attempt removed or never reached a restored file)."""
+    from dstack.artifacts import overlay
+    from dstack.runs import resume_point
+
+    point = resume_point(job) if job.attempt > 1 else None
+    if point is None:
+        return manifest
+    restored = _RESTORED.get(point[1])
+    if restored is None:
+        try:
+            restored = _RESTORED[point[1]] = orch.store.get_manifest(point[1])
+        except DstackError:  # not restored either (the attempt's log says so)
+            return manifest
+    return overlay(restored, manifest)
+
+
+_RESTORED: dict[str, Manifest] = {}  # manifests by name (immutable): read once, not at every real-time save

@@ -1,0 +1,106 @@
+"""Resume instead of restart: a job placed again after an interruption starts from the real-time artifacts
+its last attempt saved (a counter checkpointed once a second), on this machine, on SSH hosts and on Slurm."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import dstack
+
+COUNTER = """\
+workflows:
+  - name: count
+    retry:
+      limit: 1
+      on: [host-lost, interruption]
+    commands:
+      - mkdir -p ckpt
+      - n=$(cat ckpt/counter 2>/dev/null || echo 0); echo "from $n"
+      - while [ "$n" -lt 20 ]; do n=$((n+1)); echo "$n" > ckpt/counter; echo "count $n"; sleep 1; done
+    artifacts:
+      - path: ckpt
+        real-time: true
+"""
+
+
+def job_of(repo: Path, run: str) -> dict[str, Any]:
+    [job] = json.loads(dstack("jobs", run, "--json", cwd=repo).out)
+    return job
+
+
+def wait(what: Any, timeout: float = 30, step: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := what()) and time.monotonic() < deadline:
+        time.sleep(step)
+    return found
+
+
+def saved_counter(job_id: str) -> int:
+    """The counter in the job's last saved real-time artifacts (0 before the first save)."""
+    import sqlite3
+
+    with sqlite3.connect(Path(os.environ["DSTACK_HOME"]) / "state.sqlite") as db:
+        row = db.execute("SELECT manifest FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if not row or not row[0] or "/rt-" not in row[0]:
+        return 0
+    from dstack.store import open_object_store
+    from dstack.store.state import open_state
+
+    with open_state() as state:
+        store = open_object_store(state)
+        manifest = store.get_manifest(row[0])
+        [entry] = [e for e in manifest.entries if e.path == "ckpt/counter"]
+        return int(store.get_bytes(entry.digest).decode())
+
+
+def start_counting(repo: Path, *args: str) -> tuple[str, str]:
+    """Start the counter job; once a checkpoint past 3 is saved, return (run name, job id)."""
+    dstack("run", "count", "-d", *args, cwd=repo)
+    run = json.loads(dstack("runs", "--json", cwd=repo).out)[0]["name"]
+    job_id = wait(lambda: job_of(repo, run)["id"])
+    assert wait(lambda: saved_counter(job_id) >= 3, timeout=40), dstack("logs", run, cwd=repo).out
+    return run, job_id
+
+
+def check_resumed(repo: Path, run: str, job_id: str, saved_before: int, timeout: float = 60) -> str:
+    """The job finished at 20, its second attempt from a saved checkpoint; the attempt's log says so."""
+    assert wait(lambda: job_of(repo, run)["status"] in ("done", "failed"), timeout=timeout, step=0.5)
+    job = job_of(repo, run)
+    shown = dstack("logs", run, cwd=repo).out
+    assert job["status"] == "done", (job, shown)
+    header = next(line for line in shown.splitlines() if line.startswith("── attempt 2 on "))
+    second = shown.split(header, 1)[1].strip().splitlines()
+    note = second[0]
+    assert re.fullmatch(
+        rf"dstack: attempt 2 of job {job_id}, resuming from attempt 1: restored 1 file \(\d+ B\) of "
+        r"real-time artifacts",
+        note,
+    ), shown
+    start = int(second[1].removeprefix("from "))
+    assert start >= saved_before > 0 and start < 20, shown  # from the checkpoint, not from scratch
+    assert second[2] == f"count {start + 1}" and second[-1] == "count 20", shown
+    first = shown.split(header, 1)[0]
+    assert "dstack: attempt" not in first and "from 0" in first  # nothing special on attempt 1
+    out = repo.parent / f"out-{run}"
+    dstack("artifacts", "download", run, "-o", str(out), cwd=repo)
+    assert [p.read_text() for p in out.rglob("counter")] == ["20\n"]
+    return shown
+
+
+@pytest.mark.timeout(90)
+def test_local_job_killed_resumes_from_its_checkpoint(make_repo, monkeypatch):
+    """A local job whose processes are SIGKILLed leaves no exit code: it is lost, like a host that died."""
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "1")
+    repo = make_repo({".dstack/workflows.yaml": COUNTER})
+    run, job_id = start_counting(repo)
+    pid = int((Path(os.environ["DSTACK_HOME"]) / "jobs" / job_id / "pid").read_text())
+    saved = saved_counter(job_id)
+    os.killpg(pid, signal.SIGKILL)  # the wrapper too: no exit code is written
+    check_resumed(repo, run, job_id, saved)
