@@ -104,3 +104,52 @@ def test_local_job_killed_resumes_from_its_checkpoint(make_repo, monkeypatch):
     saved = saved_counter(job_id)
     os.killpg(pid, signal.SIGKILL)  # the wrapper too: no exit code is written
     check_resumed(repo, run, job_id, saved)
+
+
+@pytest.mark.timeout(120)
+def test_job_on_a_host_that_stops_answering_resumes_on_another(make_repo, sshd_factory, monkeypatch):
+    """The host is cut off mid-way (its job goes on, unheard): the job is lost there and placed on the other
+    host, which gets the checkpoint the orchestrator saved before the cut."""
+    monkeypatch.setenv("DSTACK_HOST_LOST_S", "3")
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "1")
+    one, two = sshd_factory.netns(), sshd_factory.netns()
+    repo = make_repo({".dstack/workflows.yaml": COUNTER})
+    for server, name in ((one, "first"), (two, "second")):
+        dstack("hosts", "add", server.address, "--name", name, "-i", str(server.key), "--yes", cwd=repo)
+    dstack("hosts", "disable", "local", cwd=repo)
+    run, job_id = start_counting(repo)
+    runner = job_of(repo, run)["runner"]
+    victim = one if runner == "first" else two
+    saved = saved_counter(job_id)
+    victim.cut()
+    try:
+        check_resumed(repo, run, job_id, saved)
+        assert job_of(repo, run)["runner"] != runner
+    finally:
+        victim.reconnect()
+
+
+@pytest.mark.timeout(150)
+def test_slurm_job_whose_node_fails_resumes_on_another_node(make_repo, slurm_cluster, monkeypatch):
+    """The job's node goes DOWN: Slurm ends the job with NODE_FAIL, dstack submits it again, and the new
+    attempt (on the other node) starts from the checkpoint saved before."""
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "1")
+    import subprocess
+
+    repo = make_repo({".dstack/workflows.yaml": COUNTER})
+    login = slurm_cluster.login
+    dstack("hosts", "add", login.address, "--slurm", "--name", "cluster", "-i", str(login.key), "--yes",
+           cwd=repo, timeout=60)  # fmt: skip
+    dstack("hosts", "disable", "local", cwd=repo)
+    run, job_id = start_counting(repo)
+    [first] = [line.split()[0] for line in slurm_cluster.queue() if "dstack-" in line]
+    node = slurm_cluster.run("squeue", "-h", "-j", first, "-o", "%N").strip()
+    saved = saved_counter(job_id)
+    slurm_cluster.run("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=dstack-test")
+    try:
+        check_resumed(repo, run, job_id, saved, timeout=90)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=slurm_cluster.env(),
+                       capture_output=True, timeout=30)  # fmt: skip
+        for line in slurm_cluster.queue():
+            slurm_cluster.run("scancel", line.split()[0])

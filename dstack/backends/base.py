@@ -81,6 +81,7 @@ class JobState:
     status: Literal["running", "exited", "lost"]
     exit_code: int | None = None
     reason: str | None = None
+    waiting: bool = False  # placed but not started: in the runner's own queue (Slurm's); `reason` says why
 
 
 JobFiles = dict[str, tuple[bytes, int]]  # a file in the job's directory: name -> (content, mode)

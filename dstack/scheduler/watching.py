@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("dstack.orchestrator")
 REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
 HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed within 30 s
+WATCHED = ("running", "waiting")  # a job placed on a runner: running, or waiting in the runner's own queue
+
+
+def watched(job: Job) -> bool:
+    """Whether the job is placed on a runner and must be watched: running, or waiting in the runner's queue
+    (a `waiting` job with no runner yet waits to be placed)."""
+    return job.status == "running" or (job.status == "waiting" and job.runner is not None)
 
 
 def watch(orch: Orchestrator, job: Job) -> None:
@@ -45,8 +52,12 @@ def watch(orch: Orchestrator, job: Job) -> None:
             mirror_log(orch, runner, job)  # back: catch up on what it printed meanwhile
     state = track_metrics(runner, job, state)  # mirror its samples; names an OOM kill (dstack.metrics)
     if state.status == "running":
-        if state.reason != job.reason:  # what the runner says of it (Slurm: why it waits in its queue)
-            orch.state.transition(job.id, ("running",), reason=state.reason)
+        status = "waiting" if state.waiting else "running"  # waiting: in the runner's own queue (Slurm's)
+        if (status, state.reason) != (job.status, job.reason):  # with why it waits (squeue's reason)
+            started = {"started_at": time.time()} if job.status == "waiting" and not state.waiting else {}
+            orch.state.transition(job.id, WATCHED, status=status, reason=state.reason, **started)
+        if state.waiting:
+            return
         sync_real_time(orch, runner, job)
         from dstack.inactivity import stop_if_idle
 
@@ -81,7 +92,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
             reason += f": {last}"
         orch.state.transition(
             job.id,
-            ("running",),
+            WATCHED,
             status="failed",
             exit_code=state.exit_code,
             reason=reason,
