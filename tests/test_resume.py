@@ -153,3 +153,37 @@ def test_slurm_job_whose_node_fails_resumes_on_another_node(make_repo, slurm_clu
                        capture_output=True, timeout=30)  # fmt: skip
         for line in slurm_cluster.queue():
             slurm_cluster.run("scancel", line.split()[0])
+
+
+@pytest.mark.timeout(90)
+def test_job_in_a_container_killed_resumes_from_its_checkpoint(
+    make_repo, docker_engine, busybox_image, monkeypatch
+):
+    """The same on Docker here: the tree the container mounts gets the checkpoint before `docker run`."""
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "1")
+    workflows = COUNTER.replace("    retry:", f"    image: {busybox_image}\n    retry:")
+    repo = make_repo({".dstack/workflows.yaml": workflows})
+    run, job_id = start_counting(repo)
+    pid = int((Path(os.environ["DSTACK_HOME"]) / "jobs" / job_id / "pid").read_text())
+    saved = saved_counter(job_id)
+    os.killpg(pid, signal.SIGKILL)  # the wrapper and `docker run`: the container is left, unheard of
+    check_resumed(repo, run, job_id, saved)
+
+
+@pytest.mark.timeout(120)
+def test_job_in_a_container_on_a_host_resumes_after_its_wrapper_is_killed(
+    make_repo, sshd_factory, docker_engine, busybox_image, monkeypatch
+):
+    """Docker on an SSH host: the job's wrapper there is SIGKILLed (no exit code: lost), the job is placed
+    again on the host, and the container of the new attempt starts from the checkpoint."""
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "1")
+    server = sshd_factory.loopback(env={"DOCKER_HOST": os.environ["DOCKER_HOST"]})
+    workflows = COUNTER.replace("    retry:", f"    image: {busybox_image}\n    retry:")
+    repo = make_repo({".dstack/workflows.yaml": workflows})
+    dstack("hosts", "add", server.address, "--name", "box", "-i", str(server.key), "--yes", cwd=repo)
+    dstack("hosts", "disable", "local", cwd=repo)
+    run, job_id = start_counting(repo)
+    pid = int((server.dir / "home" / ".dstack" / "jobs" / job_id / "pid").read_text())
+    saved = saved_counter(job_id)
+    os.killpg(pid, signal.SIGKILL)
+    check_resumed(repo, run, job_id, saved)
