@@ -83,9 +83,10 @@ def check_resumed(repo: Path, run: str, job_id: str, saved_before: int, timeout:
         r"real-time artifacts",
         note,
     ), shown
-    start = int(second[1].removeprefix("from "))
+    output = [line for line in second[1:] if not line.startswith("dstack: inputs: ")]  # (with an S3 store)
+    start = int(output[0].removeprefix("from "))
     assert start >= saved_before > 0 and start < 20, shown  # from the checkpoint, not from scratch
-    assert second[2] == f"count {start + 1}" and second[-1] == "count 20", shown
+    assert output[1] == f"count {start + 1}" and output[-1] == "count 20", shown
     first = shown.split(header, 1)[0]
     assert "dstack: attempt" not in first and "from 0" in first  # nothing special on attempt 1
     out = repo.parent / f"out-{run}"
@@ -187,3 +188,56 @@ def test_job_in_a_container_on_a_host_resumes_after_its_wrapper_is_killed(
     saved = saved_counter(job_id)
     os.killpg(pid, signal.SIGKILL)
     check_resumed(repo, run, job_id, saved)
+
+
+@pytest.mark.timeout(120)
+def test_with_an_s3_store_the_next_host_fetches_the_checkpoint_from_the_bucket(
+    make_repo, sshd_factory, s3_server, s3_url, monkeypatch
+):
+    """The first host's wrapper is killed and the host disabled: the second host gets the checkpoint straight
+    from the bucket (pre-signed URLs), as it gets dependencies' artifacts."""
+    from test_s3_hosts import hashing_host
+
+    monkeypatch.setenv("DSTACK_REAL_TIME_INTERVAL", "1")
+    repo = make_repo({".dstack/workflows.yaml": COUNTER})
+    dstack("config", "storage", s3_url, "--endpoint-url", s3_server.endpoint_url, "--region", "us-east-1",
+           cwd=repo)  # fmt: skip
+    servers = {name: hashing_host(sshd_factory) for name in ("one", "two")}
+    for name, server in servers.items():
+        dstack("hosts", "add", server.address, "--name", name, "-i", str(server.key), "--yes", cwd=repo)
+    dstack("hosts", "disable", "local", cwd=repo)
+    run, job_id = start_counting(repo)
+    first = job_of(repo, run)["runner"]
+    other = "two" if first == "one" else "one"
+    dstack("hosts", "disable", first, cwd=repo)
+    pid = int((servers[first].dir / "home" / ".dstack" / "jobs" / job_id / "pid").read_text())
+    saved = saved_counter(job_id)
+    os.killpg(pid, signal.SIGKILL)
+    shown = check_resumed(repo, run, job_id, saved)
+    assert job_of(repo, run)["runner"] == other
+    second = shown.split(f"── attempt 2 on {other} ──", 1)[1]
+    assert re.search(
+        rf"dstack: inputs: \d+ objects? \(.*\) fetched by {other} from s3://\S+ directly\n", second
+    )
+
+
+def test_a_resumed_attempts_artifacts_are_what_it_restored_plus_what_it_wrote() -> None:
+    from dstack.artifacts import overlay
+    from dstack.store.objects import Manifest
+
+    def manifest(*paths: str, digest: str = "a") -> Manifest:
+        entries = [{"path": p, "size": 1, "mode": 0o100644, "digest": digest * 64} for p in paths]
+        return Manifest.model_validate({"entries": entries})
+
+    restored = manifest("ckpt/counter", "ckpt/step-1", "ckpt/old", "log.txt")
+    wrote = manifest("ckpt/counter", "ckpt/old/part", "ckpt/step-2", digest="b")
+    merged = overlay(restored, wrote)
+    assert [(e.path, e.digest[0]) for e in merged.entries] == [
+        ("ckpt/counter", "b"),  # what it wrote wins
+        ("ckpt/old/part", "b"),  # a folder now where a restored file was: the file goes
+        ("ckpt/step-1", "a"),  # restored and not written again: kept
+        ("ckpt/step-2", "b"),
+        ("log.txt", "a"),
+    ]
+    assert overlay(manifest("x/y"), manifest("x", digest="b")).entries == manifest("x", digest="b").entries
+    assert overlay(manifest(), wrote) == wrote
