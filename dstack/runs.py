@@ -370,10 +370,8 @@ def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: b
     rule = JobSpec.model_validate(job.spec).retry
     if allow_retry and rule is not None and job.attempt <= rule.limit and kind in rule.on:
         earlier = {"attempt": job.attempt, "runner": job.runner, "log_path": job.log_path}
-        if job.manifest and job.manifest.startswith(f"jobs/{job.id}/rt-"):
-            earlier["resume"] = (
-                job.manifest
-            )  # its last real-time artifacts: the next attempt starts from them
+        if job.manifest and job.manifest.startswith(f"jobs/{job.id}/rt-"):  # its last real-time artifacts:
+            earlier["resume"] = job.manifest  # the next attempt starts from them
         return state.transition(
             job.id, PLACED, status="pending", runner=None, reserved=None,
             attempt=job.attempt + 1, reason=f"attempt {job.attempt} failed ({reason}); retrying",
