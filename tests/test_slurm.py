@@ -257,9 +257,9 @@ def test_node_failure_ends_the_job_with_node_fail_and_retry_submits_it_again(
         )
         assert again, "dstack did not submit the job again"
         [job] = jobs_of(repo, run)
-        assert (
-            "attempt 1 failed (Slurm ended it: NODE_FAIL" in (job["reason"] or "")
-            or job["status"] == "running"
+        assert "attempt 1 failed (Slurm ended it: NODE_FAIL" in (job["reason"] or "") or job["status"] in (
+            "waiting",
+            "running",
         )
         assert _wait(lambda: dstack("logs", run, cwd=repo).out.count("attempt on") == 2)
     finally:
@@ -371,6 +371,7 @@ def test_not_a_login_node_and_a_missing_partition_are_one_line_errors() -> None:
     ("lines", "status", "code", "reason"),
     [
         ("id 7\nsqueue PENDING|Priority", "running", None, "in Slurm's queue: Priority"),
+        ("id 7\nsqueue PENDING|None", "running", None, "in Slurm's queue: PENDING"),
         ("id 7\nsqueue RUNNING|None", "running", None, None),
         ("id 7\nsqueue COMPLETING|None\nexit 0", "running", None, None),
         ("id 7\nsqueue COMPLETED|None\nexit 0", "exited", 0, None),

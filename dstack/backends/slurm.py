@@ -192,7 +192,8 @@ def job_state(output: str) -> JobState:
     if "nodir" in lines:
         return JobState("lost", reason="the job's folder on the cluster is gone")
     if state in WAITING:
-        return JobState("running", reason=f"in Slurm's queue: {why or state}", waiting=True)
+        why = why if why and why != "None" else state  # (squeue says None for a job it has not looked at yet)
+        return JobState("running", reason=f"in Slurm's queue: {why}", waiting=True)
     if state in RUNNING:
         return JobState("running")
     if state in ENDED:
