@@ -258,6 +258,23 @@ def skip_notes(job_id: str, skipped: list[str]) -> bytes:
     return "".join(lines).encode()
 
 
+def overlay(under: Manifest, over: Manifest) -> Manifest:
+    """`over`'s entries plus those of `under` that don't clash with them (same path, or one inside the other):
+    a resumed attempt's artifacts are what it restored plus what it wrote, what it wrote winning."""
+    taken = {e.path for e in over.entries}
+    dirs = {p for path in taken for p in _parents(path)}
+    kept = [e for e in under.entries if e.path not in taken and e.path not in dirs]
+    kept = [e for e in kept if not any(p in taken for p in _parents(e.path))]
+    if not kept:
+        return over
+    return Manifest(entries=sorted([*over.entries, *kept], key=lambda e: e.path))
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def manifest_from_path(src: Path, store: ObjectStore) -> Manifest:
     """Store a file or directory as an artifact of its own (`dstack tags add NAME --from PATH`)."""
     if not src.exists():

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from dstack.store.objects import ObjectStore
 
 
+PLACED = ("starting", "running", "waiting")  # what a job on a runner may be (waiting: in the runner's queue)
+
+
 @dataclass
 class RunRequest:
     """What `dstack run` was asked."""
@@ -340,7 +343,7 @@ def end_jobs(state: State, run: Run, status: str, reason: str) -> None:
 
     runners: dict[str, Runner] = {}
     for job in state.jobs(run.id):
-        if job.status in ("pending", "waiting"):
+        if job.status in ("pending", "waiting") and not job.runner:
             state.transition(
                 job.id,
                 ("pending", "waiting"),
@@ -348,10 +351,8 @@ def end_jobs(state: State, run: Run, status: str, reason: str) -> None:
                 reason="run stopped" if status == "stopped" else reason,
                 finished_at=time.time(),
             )
-        elif job.status in ("starting", "running"):
-            state.transition(
-                job.id, ("starting", "running"), status=status, reason=reason, finished_at=time.time()
-            )
+        elif job.status in PLACED:  # placed: its runner ends it (a Slurm job waiting in its queue too)
+            state.transition(job.id, PLACED, status=status, reason=reason, finished_at=time.time())
             name = job.runner or "local"
             try:
                 runner = runners.setdefault(name, open_runner(state, name))
@@ -371,11 +372,21 @@ def retry_or_fail(state: State, job: Job, reason: str, kind: str, allow_retry: b
     rule = job.spec.retry
     if allow_retry and rule is not None and job.attempt <= rule.limit and kind in rule.on:
         earlier = {"attempt": job.attempt, "runner": job.runner, "log_path": job.log_path}
+        if job.manifest and job.manifest.startswith(f"jobs/{job.id}/rt-"):  # its last real-time artifacts:
+            earlier["resume"] = job.manifest  # the next attempt starts from them
         return state.transition(
-            job.id, ("starting", "running"), status="pending", runner=None, reserved=None,
+            job.id, PLACED, status="pending", runner=None, reserved=None,
             attempt=job.attempt + 1, reason=f"attempt {job.attempt} failed ({reason}); retrying",
             attempts=[*job.attempts, earlier], log_path=None,
         )  # fmt: skip
-    return state.transition(
-        job.id, ("starting", "running"), status="failed", reason=reason, finished_at=time.time()
-    )
+    return state.transition(job.id, PLACED, status="failed", reason=reason, finished_at=time.time())
+
+
+def resume_point(job: Job) -> tuple[int, str] | None:
+    """The real-time artifacts the job's next attempt starts from: (the attempt that saved them, manifest
+    name); None when the last attempt had saved none."""
+    if not job.attempts or not job.attempts[-1].get("resume"):
+        return None
+    name = str(job.attempts[-1]["resume"])
+    saved_by = min(int(a["attempt"]) for a in job.attempts if a.get("resume") == name)
+    return saved_by, name

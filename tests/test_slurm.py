@@ -179,25 +179,54 @@ def test_stop_leaves_squeue_empty(repo: Path, slurm_cluster: SlurmCluster) -> No
     assert last_run(repo)["status"] == "stopped"
 
 
-def test_queued_job_waits_with_slurms_reason(repo: Path, slurm_cluster: SlurmCluster) -> None:
-    # hold both nodes' CPUs with a job outside dstack: dstack's job must queue, not be refused or held back
-    blocker = slurm_cluster.run(
+def _block_nodes(cluster: SlurmCluster) -> str:
+    """Hold both nodes' CPUs with a job outside dstack (its Slurm id): dstack's next job must queue."""
+    return cluster.run(
         "sbatch", "--parsable", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 60"
     ).strip()
+
+
+def _wait_waiting(repo: Path, run: str) -> dict:
+    deadline = time.monotonic() + 20
+    while (job := jobs_of(repo, run)[0])["status"] != "waiting" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return job
+
+
+def test_queued_job_waits_with_slurms_reason(repo: Path, slurm_cluster: SlurmCluster) -> None:
+    # dstack's job must queue in Slurm, not be refused or held back, and show as waiting with squeue's reason
+    blocker = _block_nodes(slurm_cluster)
     try:
         dstack("run", "sleepy", "--secs", "1", "--host", "cluster", "-d", cwd=repo)
         run = last_run(repo)["name"]
-        deadline = time.monotonic() + 20
-        reason = ""
-        while "waiting in Slurm's queue" not in reason and time.monotonic() < deadline:
-            reason = jobs_of(repo, run)[0]["reason"] or ""
-            time.sleep(0.3)
-        assert "waiting in Slurm's queue: Resources" in reason or "Priority" in reason, reason
+        job = _wait_waiting(repo, run)
+        assert job["status"] == "waiting" and job["runner"] == "cluster", job
+        assert re.fullmatch(r"in Slurm's queue: (Resources|Priority)", job["reason"] or ""), job
+        table = dstack("jobs", run, cwd=repo).out
+        assert "waiting" in table and "in Slurm's queue" in table, table
+        assert last_run(repo)["jobs"][0]["status"] == "waiting"
+        assert [line for line in slurm_cluster.queue() if "dstack-" in line and "PENDING" in line]
     finally:
         slurm_cluster.run("scancel", blocker)
     res = dstack("logs", run, "-f", cwd=repo, timeout=60)
     assert "finished" in res.out
-    assert last_run(repo)["status"] == "done" and not jobs_of(repo, run)[0]["reason"]
+    [job] = jobs_of(repo, run)
+    assert last_run(repo)["status"] == "done" and not job["reason"] and job["status"] == "done"
+
+
+def test_stop_while_waiting_in_slurms_queue_leaves_squeue_empty(
+    repo: Path, slurm_cluster: SlurmCluster
+) -> None:
+    blocker = _block_nodes(slurm_cluster)
+    try:
+        dstack("run", "forever", "--host", "cluster", "-d", cwd=repo)
+        run = last_run(repo)["name"]
+        assert _wait_waiting(repo, run)["status"] == "waiting"
+        dstack("stop", run, cwd=repo, timeout=60)
+        assert [line for line in slurm_cluster.queue() if "dstack-" in line] == []
+        assert jobs_of(repo, run)[0]["status"] == "stopped"
+    finally:
+        slurm_cluster.run("scancel", blocker)
 
 
 def test_a_job_that_fits_no_node_is_refused(repo: Path) -> None:
@@ -228,9 +257,9 @@ def test_node_failure_ends_the_job_with_node_fail_and_retry_submits_it_again(
         )
         assert again, "dstack did not submit the job again"
         [job] = jobs_of(repo, run)
-        assert (
-            "attempt 1 failed (Slurm ended it: NODE_FAIL" in (job["reason"] or "")
-            or job["status"] == "running"
+        assert "attempt 1 failed (Slurm ended it: NODE_FAIL" in (job["reason"] or "") or job["status"] in (
+            "waiting",
+            "running",
         )
         assert _wait(lambda: dstack("logs", run, cwd=repo).out.count("attempt on") == 2)
     finally:
@@ -341,7 +370,8 @@ def test_not_a_login_node_and_a_missing_partition_are_one_line_errors() -> None:
 @pytest.mark.parametrize(
     ("lines", "status", "code", "reason"),
     [
-        ("id 7\nsqueue PENDING|Priority", "running", None, "waiting in Slurm's queue: Priority"),
+        ("id 7\nsqueue PENDING|Priority", "running", None, "in Slurm's queue: Priority"),
+        ("id 7\nsqueue PENDING|None", "running", None, "in Slurm's queue: PENDING"),
         ("id 7\nsqueue RUNNING|None", "running", None, None),
         ("id 7\nsqueue COMPLETING|None\nexit 0", "running", None, None),
         ("id 7\nsqueue COMPLETED|None\nexit 0", "exited", 0, None),
@@ -362,6 +392,7 @@ def test_slurm_states_become_job_states(
 
     state = job_state(lines)
     assert (state.status, state.exit_code) == (status, code)
+    assert state.waiting == (state.reason or "").startswith("in Slurm's queue")  # shown as `waiting`
     assert (state.reason or "").startswith(reason or "") and (reason is not None) == (
         state.reason is not None
     )

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from dstack.specs import JobSpec
     from dstack.store.objects import Manifest, ObjectStore
+    from dstack.store.state import Job
 
 
 @dataclass
@@ -72,6 +73,7 @@ class JobContext:
     ports: list[int] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     repo: str = ""  # the repo the code comes from (the run's repo root): a runner may keep a copy per repo
+    note: str = ""  # the job's log's first line, if any (which attempt this is and what it resumes from)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class JobState:
     status: Literal["running", "exited", "lost"]
     exit_code: int | None = None
     reason: str | None = None
+    waiting: bool = False  # placed but not started: in the runner's own queue (Slurm's); `reason` says why
 
 
 JobFiles = dict[str, tuple[bytes, int]]  # a file in the job's directory: name -> (content, mode)
@@ -101,8 +104,9 @@ class Runner(ABC):
         from dstack.metrics import sampler_source
 
         job_sh = render_job(ctx, job_dir, venv_root, requirements_digest(ctx))
-        if note:
-            job_sh = with_note(job_sh, note)
+        for line in (note, ctx.note):  # each goes first: the attempt's line heads the log
+            if line:
+                job_sh = with_note(job_sh, line)
         passthrough = {k: os.environ[k] for k in ctx.spec.passthrough_env if k in os.environ}
         return {
             "env.sh": (render_env(job_env(ctx, passthrough)).encode(), 0o600),
@@ -172,6 +176,35 @@ class Runner(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+def job_inputs(store: ObjectStore, job: Job, upstream: list[Job]) -> tuple[list[DependencyArtifacts], str]:
+    """What a job's working tree gets besides its code, on every runner: its dependencies' artifacts, then
+    (an attempt after an interruption) the real-time artifacts the last attempt saved; and the log's note."""
+    from dstack.backends.ssh import _size
+    from dstack.errors import DstackError
+    from dstack.graph import load_manifest
+    from dstack.runs import resume_point
+
+    deps = [DependencyArtifacts(up.workflow, load_manifest(store, up.manifest)) for up in upstream]
+    if job.attempt <= 1:
+        return deps, ""
+    head = f"dstack: attempt {job.attempt} of job {job.id}"
+    point = resume_point(job)
+    if point is None:
+        return deps, f"{head}, starting afresh: no real-time artifacts were saved before"
+    saved_by, name = point
+    try:
+        manifest = load_manifest(store, name)
+    except DstackError as e:  # e.g. removed from the store meanwhile: the attempt starts afresh, saying why
+        return deps, f"{head}, starting afresh: can't restore attempt {saved_by}'s real-time artifacts ({e})"
+    deps.append(DependencyArtifacts(f"attempt {saved_by}", manifest))
+    n, size = len(manifest.entries), sum(e.size for e in manifest.entries)
+    files = f"{n} file" if n == 1 else f"{n} files"
+    return (
+        deps,
+        f"{head}, resuming from attempt {saved_by}: restored {files} ({_size(size)}) of real-time artifacts",
+    )
 
 
 def with_note(job_sh: str, note: str) -> str:

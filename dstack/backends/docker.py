@@ -189,6 +189,8 @@ def render_container_job(ctx: JobContext, job_dir: str, env_keys: list[str]) -> 
                 "  fi",
                 "fi",
                 f'echo {q(container_name(ctx.job_id))} > "$DSTACK_JOB_DIR/{CONTAINER_FILE}"',
+                # an earlier attempt's container, left running where its wrapper was killed, goes first
+                f'"$docker" rm -f {q(container_name(ctx.job_id))} >/dev/null 2>&1 || :',
                 # not `--rm` and not `exec`: an OOM kill is read from the container before it is removed
                 "set +e",
                 f'"$docker" {run}',

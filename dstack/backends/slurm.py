@@ -130,7 +130,8 @@ class SlurmRunner(SSHRunner):
         q = shlex.quote(jd)
         args = " ".join(shlex.quote(a) for a in sbatch_args(self.cluster, ctx, jd))
         return (
-            f"cd {q} && rm -f exit slurm_id && sbatch --parsable {args} {q}/slurm.sh > slurm_id.tmp && "
+            f"cd {q} && rm -f exit slurm_id && {{ [ ! -f log ] || mv -f log log.earlier; }} && "
+            f"sbatch --parsable {args} {q}/slurm.sh > slurm_id.tmp && "
             "mv slurm_id.tmp slurm_id && echo slurm_id=$(cat slurm_id)"
         )
 
@@ -145,7 +146,7 @@ class SlurmRunner(SSHRunner):
         last = self._polled.get(job_id)
         if last is not None:
             at, state = last
-            every = POLL_QUEUED_S if state.reason else POLL_RUNNING_S
+            every = POLL_QUEUED_S if state.waiting else POLL_RUNNING_S
             if state.status == "running" and time.monotonic() - at < every:
                 return state
         state = self._poll(job_id)
@@ -203,7 +204,8 @@ def job_state(output: str) -> JobState:
     if "nodir" in lines:
         return JobState("lost", reason="the job's folder on the cluster is gone")
     if state in WAITING:
-        return JobState("running", reason=f"waiting in Slurm's queue: {why or state}")
+        why = why if why and why != "None" else state  # (squeue says None for a job it has not looked at yet)
+        return JobState("running", reason=f"in Slurm's queue: {why}", waiting=True)
     if state in RUNNING:
         return JobState("running")
     if state in ENDED:
@@ -236,7 +238,7 @@ def sbatch_args(cluster: SlurmCluster, ctx: JobContext, jd: str) -> list[str]:
     spec = ctx.spec
     res = spec.resources
     args = [f"--job-name=dstack-{ctx.run_name}-{spec.workflow}"[:100], f"--output={jd}/log", f"--chdir={jd}"]
-    # another attempt appends to the log; Slurm does not re-run a job itself (dstack's `retry` decides)
+    # Slurm does not re-run a job itself (dstack's `retry` decides; an earlier attempt's log is moved aside)
     args += ["--open-mode=append", "--no-requeue"]
     args.append(f"--export=ALL,DSTACK_GPUS_PER_NODE={res.gpu.count}")
     nodes = max(1, res.nodes)

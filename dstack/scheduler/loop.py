@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from dstack.errors import DstackError
 from dstack.scheduler.placement import place
-from dstack.scheduler.watching import log_of, watch
+from dstack.scheduler.watching import log_of, watch, watched
 from dstack.store.state import ACTIVE_JOB, ACTIVE_RUN, Job, Run, State
 
 if TYPE_CHECKING:
@@ -69,9 +69,11 @@ class Orchestrator:
         jobs = self.state.jobs(run.id)
         by_id = {j.id: j for j in jobs}
         for job in jobs:
-            if job.status == "running":
+            if watched(job):  # running, or waiting in its runner's queue
                 watch(self, job)
         for job in jobs:
+            if watched(job):  # placed (waiting in its runner's queue, say): never placed again
+                continue
             if job.status in ("pending", "waiting") and job.joins and self.join(job):
                 continue
             if job.status in ("pending", "waiting"):

@@ -218,12 +218,9 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
 def start(
     orch: Orchestrator, job: Job, spec: Any, runner_name: str, reserved: dict[str, Any], upstream: list[Job]
 ) -> None:
-    from dstack.backends.base import DependencyArtifacts, JobContext
-    from dstack.graph import load_manifest
+    from dstack.backends.base import JobContext, job_inputs
 
-    deps = []
-    for up in upstream:
-        deps.append(DependencyArtifacts(up.workflow, load_manifest(orch.store, up.manifest)))
+    deps, note = job_inputs(orch.store, job, upstream)  # dependencies' artifacts; a resumed attempt's own
     from dstack.ports import choose_ports
 
     try:
@@ -242,6 +239,7 @@ def start(
         gpu_indexes=list(reserved.get("gpus", [])),
         ports=ports,
         repo=orch.run.repo_root,
+        note=note,
     )
     runner = orch.runner(runner_name)
     job.runner = runner_name

@@ -16,10 +16,18 @@ from dstack.store.state import ArtifactRow, Job
 if TYPE_CHECKING:
     from dstack.backends.base import JobState, Runner
     from dstack.scheduler.loop import Orchestrator
+    from dstack.store.objects import Manifest
 
 log = logging.getLogger("dstack.orchestrator")
 REAL_TIME_INTERVAL = float(os.environ.get("DSTACK_REAL_TIME_INTERVAL", "5"))
 HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed within 30 s
+WATCHED = ("running", "waiting")  # a job placed on a runner: running, or waiting in the runner's own queue
+
+
+def watched(job: Job) -> bool:
+    """Whether the job is placed on a runner and must be watched: running, or waiting in the runner's queue
+    (a `waiting` job with no runner yet waits to be placed)."""
+    return job.status == "running" or (job.status == "waiting" and job.runner is not None)
 
 
 def watch(orch: Orchestrator, job: Job) -> None:
@@ -43,8 +51,12 @@ def watch(orch: Orchestrator, job: Job) -> None:
             mirror_log(orch, runner, job)  # back: catch up on what it printed meanwhile
     state = track_metrics(runner, job, state)  # mirror its samples; names an OOM kill (dstack.metrics)
     if state.status == "running":
-        if state.reason != job.reason:  # what the runner says of it (Slurm: why it waits in its queue)
-            orch.state.transition(job.id, ("running",), reason=state.reason)
+        status = "waiting" if state.waiting else "running"  # waiting: in the runner's own queue (Slurm's)
+        if (status, state.reason) != (job.status, job.reason):  # with why it waits (squeue's reason)
+            started = {"started_at": time.time()} if job.status == "waiting" and not state.waiting else {}
+            orch.state.transition(job.id, WATCHED, status=status, reason=state.reason, **started)
+        if state.waiting:
+            return
         sync_real_time(orch, runner, job)
         from dstack.inactivity import stop_if_idle
 
@@ -62,6 +74,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
             return
         if job.runner != "local":
             mirror_log(orch, runner, job)  # what collecting added to the job's log
+        manifest = with_restored(orch, job, manifest)
         name = f"jobs/{job.id}/attempt-{job.attempt}"
         orch.store.put_manifest(name, manifest)
         rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
@@ -78,7 +91,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
             reason += f": {last}"
         orch.state.transition(
             job.id,
-            ("running",),
+            WATCHED,
             status="failed",
             exit_code=state.exit_code,
             reason=reason,
@@ -195,9 +208,31 @@ def sync_real_time(orch: Orchestrator, runner: Runner, job: Job) -> None:
         manifest, _ = runner.collect_artifacts(job.id, spec, orch.store, orch.run.working_subdir)
     except DstackError:
         return
+    manifest = with_restored(orch, job, manifest)
     if not manifest.entries:
         return
     name = f"jobs/{job.id}/rt-{manifest.digest()[:16]}"
     orch.store.put_manifest(name, manifest)
     rows = [ArtifactRow(job.id, e.path, e.size, e.mode, e.digest) for e in manifest.entries]
     orch.state.save_artifact_rows(job.id, rows, name)
+
+
+def with_restored(orch: Orchestrator, job: Job, manifest: Manifest) -> Manifest:
+    """A resumed attempt's artifacts: what it restored from the earlier attempt plus what it wrote (nothing
+    already saved is lost, even where the attempt removed or never reached a restored file)."""
+    from dstack.artifacts import overlay
+    from dstack.runs import resume_point
+
+    point = resume_point(job) if job.attempt > 1 else None
+    if point is None:
+        return manifest
+    restored = _RESTORED.get(point[1])
+    if restored is None:
+        try:
+            restored = _RESTORED[point[1]] = orch.store.get_manifest(point[1])
+        except DstackError:  # not restored either (the attempt's log says so)
+            return manifest
+    return overlay(restored, manifest)
+
+
+_RESTORED: dict[str, Manifest] = {}  # manifests by name (immutable): read once, not at every real-time save

@@ -185,6 +185,7 @@ workflows:
         shown = dstack("logs", run, cwd=repo).out
         assert header in shown and header in follow.out
         second = shown.split(header, 1)[1].strip().splitlines()
-        assert second[0].startswith("attempt on ") and second[-1] == "finished", shown
+        assert second[0].startswith("dstack: attempt 2 of job ") and "starting afresh" in second[0], shown
+        assert second[1].startswith("attempt on ") and second[-1] == "finished", shown
     finally:
         victim.reconnect()
