@@ -332,6 +332,18 @@ def test_one_connection_serves_many_threads(sshd: SSHServer) -> None:
     assert connect(sshd) is conn
 
 
+def test_commands_that_end_before_their_input_keep_the_connection(sshd: SSHServer) -> None:
+    """OpenSSH drops the whole connection on an EOF for a channel it already freed: a command that exits
+    before it reads its input, or at once with none, must never make dstack send one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    conn = connect(sshd, accept=yes())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(lambda i: conn.run("exit 0", input=b"x" * (i % 3) * 70000).exit_code, range(60)))
+    assert codes == [0] * 60
+    assert conn.is_alive() and connect(sshd) is conn
+
+
 def test_a_stream_into_a_failing_command_reports_it(sshd: SSHServer) -> None:
     conn = connect(sshd, accept=yes())
 

@@ -345,10 +345,10 @@ class Connection:
         err: list[bytes] = []
         try:
             try:
-                chan.exec_command(_bash(command))
+                chan.exec_command(_bash(command, stdin=bool(data)))
                 if data:
                     chan.sendall(data)
-                chan.shutdown_write()
+                    end_input(chan)
                 deadline = time.monotonic() + timeout
                 while True:
                     if chan.recv_ready():
@@ -397,8 +397,8 @@ class Connection:
                     if not chan.status_event.wait(5):
                         raise
                     # the command ended before reading all its input: report its exit code and output
+                end_input(chan)
                 stdin.close()
-                chan.shutdown_write()
                 output = chan.makefile("rb").read()
                 code = chan.recv_exit_status()
             except (OSError, EOFError, TimeoutError) as exc:
@@ -418,8 +418,7 @@ class Connection:
         chan = self._session(timeout)
         try:
             try:
-                chan.exec_command(_bash(command))
-                chan.shutdown_write()
+                chan.exec_command(_bash(command, stdin=False))
                 stderr: list[bytes] = []
                 drain = threading.Thread(
                     target=lambda: stderr.append(chan.makefile_stderr("rb").read()), daemon=True
@@ -513,11 +512,27 @@ class _PinPolicy:
         )
 
 
-def _bash(command: str) -> str:
+def _bash(command: str, stdin: bool = True) -> str:
+    """The exec line: bash without rc files (the login shell read them already; again costs every command).
+
+    `stdin=False`: its input is /dev/null, so no EOF need be sent on the channel (see `end_input`)."""
     import shlex
 
-    # the login shell has read the user's rc files already; reading them again costs every command
-    return f"bash --norc --noprofile -c {shlex.quote(command)}"
+    return f"bash --norc --noprofile -c {shlex.quote(command)}" + ("" if stdin else " </dev/null")
+
+
+def end_input(chan: paramiko.Channel) -> None:
+    """Send EOF on a channel unless the other end closed it already.
+
+    paramiko's `shutdown_write` sends EOF even after the remote CLOSE was answered; OpenSSH takes an EOF
+    for a channel it freed as a protocol error and drops the whole connection, every channel with it.
+    The check and the flag are taken under the channel's lock, as paramiko's close handling does."""
+    with chan.lock:
+        if chan.closed or chan.eof_sent:
+            return
+        message = chan._send_eof()  # type: ignore[attr-defined]
+    if message is not None and chan.transport is not None:
+        chan.transport._send_user_message(message)  # type: ignore[attr-defined]
 
 
 def _address(target: SSHTarget) -> str:

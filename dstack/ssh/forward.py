@@ -132,6 +132,8 @@ class Forward:
 
 def _pump(client: socket.socket, chan: paramiko.Channel, closed: threading.Event) -> None:
     """Copy bytes both ways until both sides have finished sending (or the forward closes)."""
+    from dstack.ssh.connection import end_input
+
     sel = selectors.DefaultSelector()
     sel.register(client, selectors.EVENT_READ, chan)
     sel.register(chan, selectors.EVENT_READ, client)
@@ -154,7 +156,7 @@ def _pump(client: socket.socket, chan: paramiko.Channel, closed: threading.Event
                 open_ends -= 1
                 try:
                     if dst is chan:
-                        chan.shutdown_write()
+                        end_input(chan)
                     else:
                         client.shutdown(socket.SHUT_WR)
                 except OSError:
