@@ -339,7 +339,9 @@ def test_commands_that_end_before_their_input_keep_the_connection(sshd: SSHServe
 
     conn = connect(sshd, accept=yes())
     with ThreadPoolExecutor(max_workers=8) as pool:
-        codes = list(pool.map(lambda i: conn.run("exit 0", input=b"x" * (i % 3) * 70000).exit_code, range(60)))
+        codes = list(
+            pool.map(lambda i: conn.run("exit 0", input=b"x" * (i % 3) * 70000).exit_code, range(60))
+        )
     assert codes == [0] * 60
     assert conn.is_alive() and connect(sshd) is conn
 
