@@ -12,6 +12,7 @@ import random
 from typing import TYPE_CHECKING
 
 from dstack.errors import RunError
+from dstack.store.reservation import Reservation
 
 if TYPE_CHECKING:
     from dstack.backends.base import Runner
@@ -68,7 +69,7 @@ def established(table: str, ports: list[int]) -> int:
 
 def held_ports(state: State, runner: str) -> set[int]:
     """The ports active jobs on `runner` hold (call inside a transaction)."""
-    return {int(p) for r in state.reservations(runner) for p in r.get("ports", [])}
+    return {int(p) for r in state.reservations(runner) for p in r.ports}
 
 
 def choose_ports(state: State, runner: Runner, job_id: str, spec: JobSpec) -> list[int]:
@@ -91,13 +92,12 @@ def choose_ports(state: State, runner: Runner, job_id: str, spec: JobSpec) -> li
             raise RunError(f"{runner.name} has no {spec.ports.count} free ports")
         ports = random.sample(free, spec.ports.count) + list(spec.ports.fixed)
         job = state.job(job_id)
-        reserved = dict(job.reserved or {})
-        reserved["ports"] = ports
+        reserved = job.reserved or Reservation()
+        reserved.ports = ports
         state.set_job(job_id, reserved=reserved)
     return ports
 
 
-def job_ports(reserved: dict[str, object] | None) -> list[int]:
+def job_ports(reserved: Reservation | None) -> list[int]:
     """The ports recorded for a job ($PORT_0 first)."""
-    ports = (reserved or {}).get("ports") or []
-    return [int(p) for p in ports] if isinstance(ports, list) else []
+    return [int(p) for p in reserved.ports] if reserved is not None else []

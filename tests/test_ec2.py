@@ -36,6 +36,7 @@ from dstack.cloud.instance_types import BY_NAME, INSTANCE_TYPES, matching
 from dstack.errors import CloudError, ConfigError, NotFoundError, UsageError
 from dstack.specs import GpuSpec, JobSpec, Resources, RetrySpec
 from dstack.store import hosts as store
+from dstack.store.reservation import Reservation
 from dstack.store.state import Job, Run, State
 
 A10G = JobSpec(workflow="train", resources=Resources(gpu=GpuSpec(count=1, name="A10G")))
@@ -278,7 +279,7 @@ def _job_on(state: State, host: str, retry: RetrySpec | None = None, status: str
         upstream=[],
         reused_from=None,
         runner=host,
-        reserved={"cpu": 1, "memory_mib": 0, "gpus": [0]},
+        reserved=Reservation(cpu=1, memory_mib=0, gpus=[0]),
         attempt=1,
         exit_code=None,
         reason=None,

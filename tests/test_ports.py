@@ -96,7 +96,8 @@ def job_row(repo: Path, run: str) -> dict:
 
     with open_state() as state:
         job = state.jobs(state.run(run).id)[0]
-        return {"status": job.status, "reason": job.reason, "reserved": job.reserved, "runner": job.runner}
+        reserved = job.reserved.to_json() if job.reserved is not None else None
+        return {"status": job.status, "reason": job.reason, "reserved": reserved, "runner": job.runner}
 
 
 def wait_status(repo: Path, run: str, statuses: tuple[str, ...], timeout: float = 30) -> dict:

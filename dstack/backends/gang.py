@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dstack.backends.base import Capacity, JobContext, JobState, Runner
 from dstack.backends.ssh import SSHRunner
 from dstack.errors import DstackError, HostError, UsageError
+from dstack.store.reservation import Hold, Reservation
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -108,8 +109,8 @@ class GangRunner(Runner):
         from dstack.backends.script import node_rank_env, nodes_env
         from dstack.ssh import process
 
-        held = self.state.job(ctx.job_id).reserved or {}
-        per_rank = held.get("ranks") or [{} for _ in self.ranks]
+        held = self.state.job(ctx.job_id).reserved or Reservation()
+        per_rank: list[Hold] = list(held.ranks) or [Hold() for _ in self.ranks]
         addresses = self._each(lambda i, r: r.address())
         self._first_error(addresses, "could not read its address")
         ips = [str(a) for a in addresses]
@@ -122,7 +123,7 @@ class GangRunner(Runner):
         )
 
         def lay_out(i: int, runner: RankRunner) -> None:
-            gpus = list(per_rank[i].get("gpus", [])) if i < len(per_rank) else []
+            gpus = list(per_rank[i].gpus) if i < len(per_rank) else []
             extra = {**ctx.extra_env, **env, **node_rank_env(str(i))}
             runner.start_job(dataclasses.replace(ctx, gpu_indexes=gpus, extra_env=extra))
 
@@ -147,10 +148,10 @@ class GangRunner(Runner):
 
         in_use = {port for port, _ in parse_tcp_table(self.ranks[0].tcp_table())}
         with self.state.transaction():
-            held = {r.get("master_port") for r in self.state.reservations(self.ranks[0].name)}
-            port = next(p for p in range(MASTER_PORT, 65536) if p not in in_use and p not in held)
-            reserved = dict(self.state.job(job_id).reserved or {})
-            reserved["master_port"] = port
+            taken = {r.master_port for r in self.state.reservations(self.ranks[0].name)}
+            port = next(p for p in range(MASTER_PORT, 65536) if p not in in_use and p not in taken)
+            reserved = self.state.job(job_id).reserved or Reservation()
+            reserved.master_port = port
             self.state.set_job(job_id, reserved=reserved)
         return port
 

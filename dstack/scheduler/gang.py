@@ -3,9 +3,10 @@ none (a partial start would hang waiting for a rank); then started as one job (d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dstack.scheduler.placement import held_on, reserve, start, wanted
+from dstack.store.reservation import RankHold, Reservation
 
 if TYPE_CHECKING:
     from dstack.scheduler.loop import Orchestrator
@@ -35,7 +36,7 @@ def place_gang(
         others = [f"{n}: not enough {r}" for n, r in reasons.items() if r and n != "local"]
         orch.fail(job, "no runner could ever fit this job — " + "; ".join([why, *others]))
         return
-    chosen: list[tuple[str, dict[str, Any]]] = []
+    chosen: list[tuple[str, Reservation]] = []
     with orch.state.transaction():
         for slot in fitting:
             reserved = reserve(slot.capacity, held_on(orch.state, slot.name), spec)
@@ -45,8 +46,9 @@ def place_gang(
                 break
         if len(chosen) == nodes:
             name = gang_name([host for host, _ in chosen])
-            ranks = [{"runner": host, **reserved} for host, reserved in chosen]
-            held = {**chosen[0][1], "ranks": ranks}
+            ranks = [RankHold(r.cpu, r.memory_mib, r.gpus, r.ports, runner=host) for host, r in chosen]
+            first = chosen[0][1]
+            held = Reservation(first.cpu, first.memory_mib, first.gpus, first.ports, ranks=ranks)
             orch.state.set_job(job.id, status="starting", runner=name, reserved=held)
     if len(chosen) < nodes:
         have = f"{len(chosen)} {'has' if len(chosen) == 1 else 'have'} that now"

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dstack.errors import DstackError
 from dstack.scheduler.watching import keep_earlier_logs, log_of
+from dstack.store.reservation import Hold, Reservation
 
 if TYPE_CHECKING:
     from dstack.backends.base import Capacity
@@ -109,16 +110,16 @@ def _size(cap: Capacity) -> tuple[int, float, int]:
     return (len(cap.gpus), cap.cpus, cap.memory_mib)
 
 
-def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[str, Any] | None:
+def reserve(cap: Capacity, held: list[Hold], spec: JobSpec) -> Reservation | None:
     """What the job would hold on this runner now, or None if too much is taken."""
     if cap.queued:
-        return {}  # the runner's own scheduler (Slurm) queues it: never second-guessed here
+        return Reservation()  # the runner's own scheduler (Slurm) queues it: never second-guessed here
     res = spec.resources
     cpu = cpu_request(spec)
-    used_cpu = sum(h.get("cpu", 0) for h in held)
-    used_mem = sum(h.get("memory_mib", 0) for h in held)
-    used_gpus = {i for h in held for i in h.get("gpus", [])}
-    if set(spec.ports.fixed) & {int(p) for h in held for p in h.get("ports", [])}:
+    used_cpu = sum(h.cpu for h in held)
+    used_mem = sum(h.memory_mib for h in held)
+    used_gpus = {i for h in held for i in h.gpus}
+    if set(spec.ports.fixed) & {int(p) for h in held for p in h.ports}:
         return None  # a fixed port another job holds: wait for it
     if used_cpu + cpu > cap.cpus + 1e-9:
         return None
@@ -136,25 +137,12 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
         if len(free) < res.gpu.count:
             return None
         gpus = free[: res.gpu.count]
-    reserved: dict[str, Any] = {"cpu": cpu, "memory_mib": res.memory_mib or 0, "gpus": gpus}
-    if spec.ports.fixed:
-        reserved["ports"] = list(spec.ports.fixed)
-    return reserved
+    return Reservation(cpu, res.memory_mib or 0, gpus, list(spec.ports.fixed))
 
 
-def held_on(state: State, runner: str) -> list[dict[str, Any]]:
+def held_on(state: State, runner: str) -> list[Hold]:
     """What active jobs hold on a runner now: a multi-node job, what its rank there holds."""
-    held = []
-    for reserved in state.reservations(runner):
-        ranks = reserved.get("ranks")
-        if not ranks:
-            held.append(reserved)
-            continue
-        for i, rank in enumerate(ranks):
-            if rank.get("runner") == runner:
-                ports = [*rank.get("ports", []), *(reserved.get("ports", []) if i == 0 else [])]
-                held.append({**rank, "ports": ports})
-    return held
+    return [hold for reserved in state.reservations(runner) for hold in reserved.on(runner)]
 
 
 def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
@@ -212,11 +200,11 @@ def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
         if job.status != "waiting":
             orch.state.set_job(job.id, status="waiting", reason="no runner has " + wanted(spec) + " free now")
         return
-    start(orch, job, spec, chosen.name, reserved or {}, upstream)
+    start(orch, job, spec, chosen.name, reserved or Reservation(), upstream)
 
 
 def start(
-    orch: Orchestrator, job: Job, spec: Any, runner_name: str, reserved: dict[str, Any], upstream: list[Job]
+    orch: Orchestrator, job: Job, spec: Any, runner_name: str, reserved: Reservation, upstream: list[Job]
 ) -> None:
     from dstack.backends.base import JobContext, job_inputs
 
@@ -236,7 +224,7 @@ def start(
         working_subdir=orch.run.working_subdir,
         dependencies=deps,
         store=orch.store,
-        gpu_indexes=list(reserved.get("gpus", [])),
+        gpu_indexes=list(reserved.gpus),
         ports=ports,
         repo=orch.run.repo_root,
         note=note,

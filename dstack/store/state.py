@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dstack.errors import NotFoundError, UsageError
 from dstack.store.disk import Connection, disk_error
+from dstack.store.reservation import Reservation
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -142,7 +143,7 @@ class Job:
     upstream: list[str] = field(default_factory=list)
     reused_from: str | None = None
     runner: str | None = None
-    reserved: dict[str, Any] | None = None
+    reserved: Reservation | None = None
     attempt: int = 1
     exit_code: int | None = None
     reason: str | None = None
@@ -161,7 +162,7 @@ class Job:
         d["spec_data"] = json.loads(d.pop("spec"))
         d["attempts"] = json.loads(d.get("attempts") or "[]")
         d["upstream"] = json.loads(d["upstream"] or "[]")
-        d["reserved"] = json.loads(d["reserved"]) if d["reserved"] else None
+        d["reserved"] = Reservation.from_json(json.loads(d["reserved"])) if d["reserved"] else None
         d.setdefault("run_name", "")
         return cls(**d)
 
@@ -310,7 +311,7 @@ class State:
         d["spec"] = json.dumps(d.pop("spec_data"))
         d["upstream"] = json.dumps(d["upstream"])
         d["attempts"] = json.dumps(d["attempts"])
-        d["reserved"] = json.dumps(d["reserved"]) if d["reserved"] is not None else None
+        d["reserved"] = json.dumps(job.reserved.to_json()) if job.reserved is not None else None
         cols = ",".join(d)
         db.execute(f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(d))})", list(d.values()))
 
@@ -454,7 +455,7 @@ class State:
         ).fetchone()
         return Job.from_row(row) if row else None
 
-    def reservations(self, runner: str) -> list[dict[str, Any]]:
+    def reservations(self, runner: str) -> list[Reservation]:
         """What active jobs hold on a runner right now (call inside a transaction); a multi-node job's
         runner names its hosts joined by '+' (dstack.backends.gang): it holds something on each."""
         rows = self.db.execute(
@@ -462,7 +463,7 @@ class State:
             "AND status IN ('starting', 'running') AND reserved IS NOT NULL",
             (runner,),
         ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [Reservation.from_json(json.loads(r[0])) for r in rows]
 
     # -- artifacts ----------------------------------------------------------------------------------
     def save_artifact_rows(
@@ -610,7 +611,7 @@ class State:
 def _encode(fields: dict[str, Any]) -> None:
     """JSON columns of jobs, as stored."""
     if "reserved" in fields and fields["reserved"] is not None:
-        fields["reserved"] = json.dumps(fields["reserved"])
+        fields["reserved"] = json.dumps(fields["reserved"].to_json())
     if "attempts" in fields:
         fields["attempts"] = json.dumps(fields["attempts"])
 
