@@ -1,0 +1,101 @@
+"""`dstack runs` without typer (dstack.cli.entry): the same output, options and errors as the typer command."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from helpers import dstack
+
+from dstack.cli.entry import parse_listing
+
+HELLO = """\
+workflows:
+  - name: hello
+    provider: bash
+    commands:
+      - echo "hi $who"
+"""
+VARIABLES = """\
+variables:
+  hello:
+    who: me
+"""
+TYPER = "import sys; sys.argv[0] = 'dstack'; from dstack.cli.main import main; main()"
+
+
+def typer_path(*args: str, cwd: object) -> subprocess.CompletedProcess[str]:
+    """The same command through the typer app, never the fast path."""
+    return subprocess.run(
+        [sys.executable, "-c", TYPER, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def steady(text: str) -> str:
+    """A listing with its clock columns ("3s ago") made comparable between two calls."""
+    return re.sub(r"\b\d+s ago\b", "Ns ago", text).replace("python -m dstack", "dstack")
+
+
+ARGS = [
+    ("runs",),
+    ("runs", "--json"),
+    ("ps", "-n", "1"),
+    ("runs", "--all", "--json", "--limit=1"),
+    ("--debug", "runs", "-a"),
+    ("runs", "-n", "x"),
+    ("runs", "--sweep", "nope"),
+    ("runs", "--sweep=nope", "--json"),
+    ("runs", "--help"),
+    ("runs", "--bogus"),
+]
+
+
+def test_fast_listing_prints_what_typer_prints(make_repo):
+    repo = make_repo({".dstack/workflows.yaml": HELLO, ".dstack/variables.yaml": VARIABLES})
+    dstack("run", "hello", "--who", "you", cwd=repo)
+    dstack("run", "hello", "--force", cwd=repo)
+    for args in ARGS:
+        fast = dstack(*args, cwd=repo, check=False)
+        slow = typer_path(*args, cwd=repo)
+        assert (fast.code, steady(fast.out), steady(fast.err)) == (
+            slow.returncode,
+            steady(slow.stdout),
+            steady(slow.stderr),
+        ), args
+
+
+def test_listing_with_no_state_creates_none(dstack_home, tmp_path):
+    res = dstack("runs", cwd=tmp_path)
+    assert "No runs yet" in res.err and res.out == ""
+    assert json.loads(dstack("runs", "--json", cwd=tmp_path).out) == []
+    assert not (dstack_home / "state.sqlite").exists()
+
+
+def test_fast_listing_imports_no_typer(make_repo):
+    repo = make_repo({".dstack/workflows.yaml": HELLO})
+    dstack("run", "hello", cwd=repo)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dstack", "runs", "--json"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(proc.stdout)[0]["status"] == "done"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert not {"typer", "click", "rich", "pydantic"} & imported
+
+
+def test_parse_listing_leaves_the_rest_to_typer():
+    assert parse_listing(["runs"]) == {"limit": 20, "all_": False, "sweep": None, "as_json": False}
+    assert parse_listing(["ps", "--json", "-n", "3", "--sweep", "s1"]) == {
+        "limit": 3,
+        "all_": False,
+        "sweep": "s1",
+        "as_json": True,
+    }
+    for argv in (["runs", "-h"], ["runs", "delete", "x"], ["runs", "-n"], ["runs", "-n", "-1"], ["jobs"], []):
+        assert parse_listing(argv) is None, argv
