@@ -62,10 +62,10 @@ class PortEvent:
 
 def asks_for_ports(jobs: list[Job]) -> bool:
     """Whether one of the jobs will have ports."""
-    from dstack.specs import JobSpec
+    from dstack.spec_view import spec_view
 
     for job in jobs:
-        ports = JobSpec.model_validate(job.spec).ports
+        ports = spec_view(job.spec).ports
         if job.status != "reused" and (ports.count or ports.fixed):
             return True
     return False

@@ -110,7 +110,7 @@ def job_env(ctx: JobContext, passthrough: dict[str, str] | None = None) -> dict[
 def render_env(env: dict[str, str]) -> str:
     """`export K=v` lines: only `$NAME`/`${NAME}` references in values are expanded by the shell, never
     `$(…)` or backticks; names that are not valid shell identifiers are skipped."""
-    from dstack.workflows.variables import quote_env_value
+    from dstack.workflows.envquote import quote_env_value
 
     lines = []
     for key, value in env.items():

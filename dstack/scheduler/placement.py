@@ -144,9 +144,9 @@ def reserve(cap: Capacity, held: list[dict[str, Any]], spec: JobSpec) -> dict[st
 
 def place(orch: Orchestrator, job: Job, upstream: list[Job]) -> None:
     """Start the job on a runner with room for it, or mark it waiting (or failed if none ever fits)."""
-    from dstack.specs import JobSpec
+    from dstack.spec_view import spec_view
 
-    spec = JobSpec.model_validate(job.spec)
+    spec = spec_view(job.spec)  # JobSpec's fields without pydantic (the local run path imports none)
     if spec.image and not orch.docker_asked:
         from dstack.backends.local import docker_answers
 

@@ -24,7 +24,7 @@ HOST_LOST_S = float(os.environ.get("DSTACK_HOST_LOST_S", "15"))  # noticed withi
 
 def watch(orch: Orchestrator, job: Job) -> None:
     """Poll a running job; finish it when it ended (artifacts saved, or failed, or placed again if lost)."""
-    from dstack.specs import JobSpec
+    from dstack.spec_view import spec_view
 
     runner = orch.runner(job.runner or "local")
     name = job.runner or "local"
@@ -53,7 +53,7 @@ def watch(orch: Orchestrator, job: Job) -> None:
         return
     if job.runner != "local":
         mirror_log(orch, runner, job)
-    spec = JobSpec.model_validate(job.spec)
+    spec = spec_view(job.spec)  # JobSpec's fields without pydantic (the local run path imports none)
     now = time.time()
     if state.status == "exited" and state.exit_code == 0:
         try:
@@ -183,10 +183,10 @@ def host_unreachable(orch: Orchestrator, job: Job, error: HostError) -> JobState
 
 def sync_real_time(orch: Orchestrator, runner: Runner, job: Job) -> None:
     """Save `real-time` (and `mount`) artifacts while the job runs, so a checkpoint outlives the host."""
-    from dstack.specs import JobSpec
-
     if not any(a.get("real_time") or a.get("mount") for a in job.spec.get("artifacts", [])):
         return
+    from dstack.specs import JobSpec
+
     now = time.monotonic()
     if now - orch.rt_synced.get(job.id, 0.0) < REAL_TIME_INTERVAL:
         return
