@@ -1,6 +1,6 @@
-"""The `dstack` entry point: `dstack runs` (and `ps`) with plain options are listed without importing typer
-(~15 ms of start); anything else (help, subcommands, odd or bad arguments) goes to the typer app, which
-prints the same listing, help and errors."""
+"""The `dstack` entry point: `dstack runs` (and `ps`) and `dstack run WORKFLOW` with plain options run
+without importing typer (~15 ms of start); anything else (help, subcommands, variables, odd or bad
+arguments) goes to the typer app, which does the same through the same functions."""
 
 from __future__ import annotations
 
@@ -15,15 +15,22 @@ _LISTINGS = ("runs", "ps")
 
 def main() -> None:
     """Run `dstack ARGV`: the fast listing when the arguments are plain, else the typer app."""
-    fast = parse_listing(sys.argv[1:])
-    if fast is None:
-        from dstack.cli.main import main as typer_main
+    argv = sys.argv[1:]
+    listing = parse_listing(argv)
+    if listing is not None:
+        from dstack.cli.listing import list_runs
 
-        typer_main()
+        guarded(lambda: list_runs(**listing), logging_=False)  # `repair_runs` configures it if it repairs
         return
-    from dstack.cli.listing import list_runs
+    run = parse_run(argv)
+    if run is not None:
+        from dstack.cli.launch import launch
 
-    guarded(lambda: list_runs(**fast), logging_=False)  # `repair_runs` configures it if it repairs
+        guarded(lambda: launch(overrides={}, args=[], **run))
+        return
+    from dstack.cli.main import main as typer_main
+
+    typer_main()
 
 
 def parse_listing(argv: list[str]) -> dict[str, Any] | None:
@@ -54,6 +61,39 @@ def parse_listing(argv: list[str]) -> dict[str, Any] | None:
         else:
             return None  # a subcommand (`runs delete`), help, or an option typer must judge
     return options
+
+
+_RUN_FLAGS = {"-d": "detach", "--detach": "detach", "--force": "force", "--keep": "keep"}
+_RUN_FLAGS["--real-time-artifacts"] = "real_time"
+
+
+def parse_run(argv: list[str]) -> dict[str, Any] | None:
+    """`launch` arguments for `[--debug] run WORKFLOW [-d] [--force] [--keep] [--real-time-artifacts]
+    [--host NAME]`, or None for anything else (variables, run arguments, help: typer parses those)."""
+    args = list(argv)
+    while args and args[0] == "--debug":
+        DEBUG["on"] = True
+        args.pop(0)
+    if len(args) < 2 or args[0] != "run" or not _plain(args[1]):
+        return None
+    options: dict[str, Any] = {"workflow": args[1], "host": None}
+    rest = args[2:]
+    while rest:
+        arg = rest.pop(0)
+        if arg in _RUN_FLAGS:
+            options[_RUN_FLAGS[arg]] = True
+        elif arg == "--host" and rest and _plain(rest[0]):
+            options["host"] = rest.pop(0)
+        elif arg.startswith("--host=") and _plain(arg[7:]):
+            options["host"] = arg[7:]
+        else:
+            return None
+    return options
+
+
+def _plain(word: str) -> bool:
+    """A name typer would take as it is: not an option, not empty."""
+    return bool(word) and not word.startswith("-")
 
 
 def guarded(call: Callable[[], Any], logging_: bool = True) -> None:
