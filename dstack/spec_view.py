@@ -77,17 +77,27 @@ class SpecView:
         default = fields[name]
         value = self._data.get(name, _MISSING)
         if isinstance(default, str) and default in FIELDS:  # a nested model
-            return SpecView(default, value if isinstance(value, dict) else {})
-        if isinstance(default, tuple):
+            if value is _MISSING:
+                return SpecView(default, {})
+            if isinstance(value, dict):
+                return SpecView(default, value)
+        elif isinstance(default, tuple):
             shape, model = default
-            if shape == "list":
-                return [SpecView(model, v) for v in (value if isinstance(value, list) else [])]
-            return SpecView(model, value) if isinstance(value, dict) else None
-        if value is _MISSING:
-            if default is ...:
-                return getattr(self.real(), name)  # required and missing: pydantic says what is wrong
-            return copy.copy(default)
-        return copy.copy(value) if isinstance(value, (list, dict)) else value  # as validating copies them
+            if value is _MISSING:
+                return [] if shape == "list" else None
+            if shape == "opt" and value is None:
+                return None
+            if shape == "list" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                return [SpecView(model, v) for v in value]
+            if shape == "opt" and isinstance(value, dict):
+                return SpecView(model, value)
+        else:
+            if value is _MISSING:
+                if default is ...:
+                    return getattr(self.real(), name)  # required and missing: pydantic says what is wrong
+                return copy.copy(default)
+            return copy.copy(value) if isinstance(value, (list, dict)) else value  # as validating copies them
+        return getattr(self.real(), name)  # not the shape stored specs have: validation says what is wrong
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.real(), name, value)
@@ -109,5 +119,35 @@ _MISSING = object()
 
 def spec_view(spec: dict[str, Any]) -> JobSpec:
     """`JobSpec.model_validate(spec)` for reading a stored spec, without pydantic (typed as the JobSpec it
-    stands for)."""
-    return cast("JobSpec", SpecView("JobSpec", spec))
+    stands for). A spec not of the shape `model_dump` gives is validated at once (and fails as it would)."""
+    view = SpecView("JobSpec", spec)
+    if not well_formed("JobSpec", spec):
+        view.real()
+    return cast("JobSpec", view)
+
+
+def well_formed(kind: str, data: object) -> bool:
+    """Whether `data` has the shape a dumped `kind` has: known keys, the required ones, nested models as
+    objects, and scalars of their default's type. False only means "let pydantic judge"."""
+    if not isinstance(data, dict):
+        return False
+    fields = FIELDS[kind]
+    if any(default is ... and name not in data for name, default in fields.items()):
+        return False
+    for name, value in data.items():
+        default = fields.get(name, _MISSING)
+        if default is _MISSING:
+            return False  # the models forbid extra fields
+        if isinstance(default, str) and default in FIELDS:
+            if not well_formed(default, value):
+                return False
+        elif isinstance(default, tuple):
+            shape, model = default
+            if shape == "list":
+                if not isinstance(value, list) or not all(well_formed(model, v) for v in value):
+                    return False
+            elif value is not None and not well_formed(model, value):
+                return False
+        elif default is not None and default is not ... and type(value) is not type(default):
+            return False
+    return True

@@ -127,7 +127,7 @@ def test_a_corrupt_object_names_the_file_the_run_and_the_job(make_repo, dstack_h
 
 def test_a_home_open_to_others_is_tightened(make_repo, dstack_home: Path) -> None:
     repo = make_repo({".dstack/workflows.yaml": WORKFLOWS})
-    dstack("jobs", cwd=repo)  # makes the state (`dstack runs` makes none while there is none)
+    dstack("runs", cwd=repo)
     dstack_home.chmod(0o755)
     (dstack_home / "state.sqlite").chmod(0o644)
     dstack("runs", cwd=repo)

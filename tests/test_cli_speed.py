@@ -66,13 +66,6 @@ def test_fast_listing_prints_what_typer_prints(make_repo):
         ), args
 
 
-def test_listing_with_no_state_creates_none(dstack_home, tmp_path):
-    res = dstack("runs", cwd=tmp_path)
-    assert "No runs yet" in res.err and res.out == ""
-    assert json.loads(dstack("runs", "--json", cwd=tmp_path).out) == []
-    assert not (dstack_home / "state.sqlite").exists()
-
-
 def test_fast_listing_imports_no_typer(make_repo):
     repo = make_repo({".dstack/workflows.yaml": HELLO})
     dstack("run", "hello", cwd=repo)
@@ -99,3 +92,21 @@ def test_parse_listing_leaves_the_rest_to_typer():
     }
     for argv in (["runs", "-h"], ["runs", "delete", "x"], ["runs", "-n"], ["runs", "-n", "-1"], ["jobs"], []):
         assert parse_listing(argv) is None, argv
+
+
+def test_a_rerun_of_a_local_job_imports_no_typer_or_pydantic(make_repo):
+    """A one-step local job whose plan is remembered: no typer, pydantic, YAML or rich before it ends."""
+    repo = make_repo({".dstack/workflows.yaml": HELLO, ".dstack/variables.yaml": VARIABLES})
+    dstack("run", "hello", cwd=repo)  # works the plan out (and remembers it)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dstack", "run", "hello", "--force"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout == "hi me\n"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert not {"typer", "click", "rich", "pydantic", "yaml"} & imported
+    assert json.loads(dstack("runs", "--json", cwd=repo).out)[0]["status"] == "done"

@@ -238,7 +238,7 @@ def test_unknown_run_is_one_line(make_repo):
 
 def test_state_file_is_private(make_repo):
     repo = pipeline_repo(make_repo)
-    dstack("jobs", cwd=repo)  # makes the state (`dstack runs` makes none while there is none)
+    dstack("runs", cwd=repo)
     home = Path(os.environ["DSTACK_HOME"])
     assert (home / "state.sqlite").stat().st_mode & 0o777 == 0o600
     assert home.stat().st_mode & 0o777 == 0o700

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel
+import pytest
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from dstack import specs
-from dstack.spec_view import FIELDS, SpecView, spec_view
+from dstack.spec_view import FIELDS, SpecView, spec_view, well_formed
 
 
 def test_fields_and_defaults_are_those_of_the_models():
@@ -49,6 +50,7 @@ def test_a_view_reads_what_validation_gives():
         python=specs.PythonSpec(version="3.10"),
     )
     for stored in (json.loads(full.model_dump_json()), {"workflow": "bare"}):  # an older spec lacks keys
+        assert well_formed("JobSpec", stored)  # read without pydantic
         assert_same(spec_view(stored), specs.JobSpec.model_validate(stored))
 
 
@@ -60,3 +62,9 @@ def test_the_rest_is_the_real_model():
     assert view.commands == ["y"] and stored["commands"] == ["x"]
     view.env["K"] = "v"
     assert "env" not in stored
+
+
+def test_a_spec_not_of_the_stored_shape_fails_as_validation_does():
+    for broken in ({"resources": "broken"}, {"artifacts": None}, {"retry": 3}, {"ports": {"count": "x"}}):
+        with pytest.raises(ValidationError):
+            spec_view({"workflow": "w", **broken})

@@ -6,17 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dstack.store.state import Job, Run, State
+    from dstack.store.state import Run, State
 
 
 def list_runs(limit: int = 20, all_: bool = False, sweep: str | None = None, as_json: bool = False) -> None:
     """The newest `limit` runs (all, deleted too, with `all_`) or one sweep's jobs, as a table or JSON."""
     from dstack.cli import repair_runs as repair
-    from dstack.home import home
-
-    if not sweep and not (home() / "state.sqlite").exists():
-        _render_runs(None, [], as_json)  # no state yet: no runs, and a listing doesn't create one
-        return
     from dstack.store.state import open_state
 
     with open_state() as state:
@@ -27,12 +22,11 @@ def list_runs(limit: int = 20, all_: bool = False, sweep: str | None = None, as_
         _render_runs(state, state.runs(limit=None if all_ else limit, include_deleted=all_), as_json)
 
 
-def _render_runs(state: State | None, items: list[Run], as_json: bool) -> None:
+def _render_runs(state: State, items: list[Run], as_json: bool) -> None:
     """Runs as JSON or a table (with their jobs, read from `state`)."""
     from dstack.cli import ui
 
-    def jobs_of(run_id: str) -> list[Job]:
-        return state.jobs(run_id) if state is not None else []
+    jobs_of = state.jobs
 
     if as_json:
         ui.print_json(
