@@ -9,7 +9,7 @@ import sys
 
 from helpers import dstack
 
-from dstack.cli.entry import parse_listing
+from dstack.cli.entry import parse_listing, parse_run
 
 HELLO = """\
 workflows:
@@ -110,3 +110,23 @@ def test_a_rerun_of_a_local_job_imports_no_typer_or_pydantic(make_repo):
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert not {"typer", "click", "rich", "pydantic", "yaml"} & imported
     assert json.loads(dstack("runs", "--json", cwd=repo).out)[0]["status"] == "done"
+
+
+def test_fast_run_prints_what_typer_prints(make_repo):
+    repo = make_repo({".dstack/workflows.yaml": HELLO, ".dstack/variables.yaml": VARIABLES})
+    for args in (("run", "hello", "--force"), ("run", "nope"), ("--debug", "run", "hello", "--keep")):
+        fast = dstack(*args, cwd=repo, check=False)
+        slow = typer_path(*args, cwd=repo)
+        names = r"Run \S+ done in \d+\.\ds|Run \S+:"
+        assert (fast.code, fast.out, re.sub(names, "Run", fast.err)) == (
+            slow.returncode,
+            slow.stdout,
+            re.sub(names, "Run", slow.stderr),
+        ), args
+    assert parse_run(["run", "hello", "-d", "--host=box"]) == {
+        "workflow": "hello",
+        "host": "box",
+        "detach": True,
+    }
+    for argv in (["run", "hello", "--lr", "1"], ["run", "hello", "x"], ["run", "-h"], ["run", "hello", "--"]):
+        assert parse_run(argv) is None, argv
