@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sqlite3
+import stat
 import subprocess
 import sys
 
 from helpers import dstack
 
 from dstack.cli.entry import parse_listing, parse_run
+from dstack.store.fresh import create_state_file
+from dstack.store.state import MIGRATIONS
 
 HELLO = """\
 workflows:
@@ -130,3 +135,28 @@ def test_fast_run_prints_what_typer_prints(make_repo):
     }
     for argv in (["run", "hello", "--lr", "1"], ["run", "hello", "x"], ["run", "-h"], ["run", "hello", "--"]):
         assert parse_run(argv) is None, argv
+
+
+def test_a_new_state_is_built_aside_with_the_whole_schema(dstack_home, tmp_path):
+    assert "No runs yet" in dstack("runs", cwd=tmp_path).err  # the first command makes the state
+    state = dstack_home / "state.sqlite"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert sorted(p.name for p in dstack_home.iterdir() if "sqlite" in p.name) == ["state.sqlite"]
+    in_place = sqlite3.connect(tmp_path / "in-place.sqlite", isolation_level=None)
+    for script in MIGRATIONS:
+        for statement in script.split(";"):
+            if statement.strip():
+                in_place.execute(statement)
+    again = tmp_path / "again.sqlite"
+    (tmp_path / f".again.sqlite.{os.getpid()}.new").write_text("left by a crashed process with this pid")
+    create_state_file(again, MIGRATIONS)
+    for made in (sqlite3.connect(state), sqlite3.connect(again)):
+        try:
+            assert made.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert made.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+            schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+            assert made.execute(schema).fetchall() == in_place.execute(schema).fetchall()
+        finally:
+            made.close()
+    in_place.close()
+    assert not list(tmp_path.glob(".again.sqlite.*"))

@@ -186,6 +186,10 @@ class State:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if not path.exists():
+            from dstack.store.fresh import create_state_file
+
+            create_state_file(path, MIGRATIONS)
         self.db = self._connect()
         self._migrate()
 
