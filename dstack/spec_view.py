@@ -117,9 +117,11 @@ class SpecView:
 _MISSING = object()
 
 
-def spec_view(spec: dict[str, Any]) -> JobSpec:
+def spec_view(spec: dict[str, Any] | JobSpec) -> JobSpec:
     """`JobSpec.model_validate(spec)` for reading a stored spec, without pydantic (typed as the JobSpec it
     stands for). A spec not of the shape `model_dump` gives is validated at once (and fails as it would)."""
+    if not isinstance(spec, dict):  # a typed spec already (a JobSpec): nothing to read
+        return cast("JobSpec", spec)
     view = SpecView("JobSpec", spec)
     if not well_formed("JobSpec", spec):
         view.real()

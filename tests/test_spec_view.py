@@ -54,6 +54,11 @@ def test_a_view_reads_what_validation_gives():
         assert_same(spec_view(stored), specs.JobSpec.model_validate(stored))
 
 
+def test_a_typed_spec_is_its_own_view():
+    typed = specs.JobSpec(workflow="w")
+    assert spec_view(typed) is typed
+
+
 def test_the_rest_is_the_real_model():
     stored = {"workflow": "w", "commands": ["x"]}
     view = spec_view(stored)
