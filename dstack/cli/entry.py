@@ -30,7 +30,7 @@ def main() -> None:
         return
     from dstack.cli.main import main as typer_main
 
-    typer_main()
+    typer_main(logging_=argv not in ([], ["--help"], ["-h"], ["--version"]))  # help logs nothing
 
 
 def parse_listing(argv: list[str]) -> dict[str, Any] | None:

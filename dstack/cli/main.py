@@ -61,6 +61,6 @@ attach_cli.register(app)
 triggers_cli.register(app)  # `triggers` and the top-level `watch`
 
 
-def main() -> None:
+def main(logging_: bool = True) -> None:
     """Entry point: run the app; a DstackError is one red line and its exit code (traceback with --debug)."""
-    guarded(app)
+    guarded(app, logging_=logging_)
