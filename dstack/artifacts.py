@@ -267,7 +267,8 @@ def overlay(under: Manifest, over: Manifest) -> Manifest:
     kept = [e for e in kept if not any(p in taken for p in _parents(e.path))]
     if not kept:
         return over
-    return Manifest(entries=sorted([*over.entries, *kept], key=lambda e: e.path))
+    merged: list[ManifestEntry] = sorted([*over.entries, *kept], key=lambda e: e.path)
+    return Manifest(entries=merged)
 
 
 def _parents(path: str) -> list[str]:

@@ -138,7 +138,7 @@ def shell_exports(env: dict[str, str]) -> str:
 def render_env(env: dict[str, str]) -> str:
     """`export K=v` lines: only `$NAME`/`${NAME}` references in values are expanded by the shell, never
     `$(…)` or backticks; names that are not valid shell identifiers are skipped."""
-    from dstack.workflows.variables import quote_env_value
+    from dstack.workflows.envquote import quote_env_value
 
     lines = []
     for key, value in env.items():

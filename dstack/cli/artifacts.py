@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dstack.cli import new_app
+from dstack.cli.apps import new_app
 
 app = new_app(help="List and download a run's artifacts.", no_args_is_help=True)
 

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from dstack.cli.following import follow_attached
+
 if TYPE_CHECKING:
     from dstack.attach import PortEvent
-    from dstack.store.state import State
 
 
 def register(app: typer.Typer) -> None:
@@ -32,24 +33,6 @@ def attach(run: str = typer.Argument(..., help="The run (name or prefix).")) -> 
         if run_.status not in ACTIVE_RUN:
             raise RunError(f"run {run_.name} is not running (it is {run_.status})")
         follow_attached(state, run_.id)
-
-
-def follow_attached(state: State, run_id: str, drive: bool = False) -> None:
-    """Follow the run's output with its ports open on localhost; Ctrl-C detaches (the run goes on)."""
-    from dstack.attach import asks_for_ports
-    from dstack.cli import ui
-    from dstack.cli.runs import follow
-
-    if not asks_for_ports(state.jobs(run_id)):
-        follow(state, run_id, drive=drive)
-        return
-    try:
-        with ports_open(run_id):
-            follow(state, run_id, drive=drive)
-    except typer.Exit as e:
-        if e.exit_code == 130:  # detached with Ctrl-C
-            ui.info(f"`dstack attach {state.run(run_id).name}` re-opens its ports.")
-        raise
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dstack.cli import new_app
+from dstack.cli.apps import new_app
 
 app = new_app(
     help="Let dstack launch EC2 instances for jobs no host fits (credentials: boto3's usual chain).",

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from dstack.cli import new_app
+from dstack.cli.apps import new_app
 
 
 def runs_group(list_runs: Callable[..., Any]) -> typer.Typer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dstack.cli import aws as aws_cli
-from dstack.cli import new_app
+from dstack.cli.apps import new_app
 
 app = new_app(help="Configure dstack: artifact storage, AWS.", no_args_is_help=True)
 app.add_typer(aws_cli.app, name="aws")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from dstack.cli import new_app
+from dstack.cli.apps import new_app
 
 if TYPE_CHECKING:
     from dstack.metrics.summary import HostUsage

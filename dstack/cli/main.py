@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import typer
 
-from dstack.cli import LazyGroup, new_app
 from dstack.cli import attach as attach_cli
 from dstack.cli import cleanup as cleanup_cli
 from dstack.cli import dashboard as dashboard_cli
@@ -16,6 +12,8 @@ from dstack.cli import project as project_cli
 from dstack.cli import run as run_cli
 from dstack.cli import runs as runs_cli
 from dstack.cli import triggers as triggers_cli
+from dstack.cli.apps import LazyGroup, new_app
+from dstack.cli.entry import DEBUG, guarded
 
 app = new_app(
     help="Run ML workflows as code on this machine, your GPU boxes over SSH, or cloud GPUs.",
@@ -24,7 +22,6 @@ app = new_app(
     context_settings={"help_option_names": ["-h", "--help"]},
     cls=LazyGroup,
 )
-DEBUG = {"on": bool(os.environ.get("DSTACK_DEBUG"))}
 
 
 def _version(value: bool) -> None:
@@ -64,42 +61,6 @@ attach_cli.register(app)
 triggers_cli.register(app)  # `triggers` and the top-level `watch`
 
 
-def main() -> None:
+def main(logging_: bool = True) -> None:
     """Entry point: run the app; a DstackError is one red line and its exit code (traceback with --debug)."""
-    from dstack.errors import DstackError
-
-    if "--debug" in sys.argv[1:]:
-        DEBUG["on"] = True
-    _configure_logging(DEBUG["on"])
-    try:
-        app()
-    except DstackError as e:
-        from dstack.cli import ui
-
-        if DEBUG["on"]:
-            import traceback
-
-            traceback.print_exc()
-        ui.error(str(e))
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("\nInterrupted\n")
-        sys.exit(130)
-    except OSError as e:  # a full disk under DSTACK_HOME is one line, like any DstackError
-        if e.errno != 28:  # ENOSPC
-            raise
-        from dstack.cli import ui
-        from dstack.store.disk import disk_error
-
-        ui.error(str(disk_error(e)))
-        sys.exit(7)
-
-
-def _configure_logging(debug: bool) -> None:
-    """Library loggers (paramiko, urllib3, botocore, docker) stay off the terminal, unless --debug."""
-    import logging
-
-    if not debug:
-        # Records no handler takes fall to `lastResort`, which prints them: make it drop them instead.
-        # Root gets no handler, so a process that configures logging later (the orchestrator) still logs.
-        logging.lastResort = logging.NullHandler()
+    guarded(app, logging_=logging_)

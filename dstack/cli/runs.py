@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 
-if TYPE_CHECKING:
-    from dstack.store.state import State
+from dstack.cli.following import follow
+from dstack.cli.listing import origin_label
 
 
 def register(app: typer.Typer) -> None:
@@ -28,108 +26,11 @@ def runs(
     sweep: str = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    from dstack.cli import repair_runs as repair
-    from dstack.cli import ui
-    from dstack.store.state import open_state
-
     if ctx.invoked_subcommand:
         return
-    with open_state() as state:
-        repair(state)
-        if sweep:
-            _sweep_table(state, sweep, as_json)
-            return
-        items = state.runs(limit=None if all_ else limit, include_deleted=all_)
-        if as_json:
-            ui.print_json(
-                [
-                    {
-                        "name": r.name,
-                        "id": r.id,
-                        "workflow": r.workflow,
-                        "status": r.status,
-                        "reason": r.reason,
-                        "origin": r.origin or "manual",
-                        "commit": r.commit_sha,
-                        "branch": r.branch,
-                        "variables": r.variables,
-                        "sweep": r.sweep,
-                        "created_at": r.created_at,
-                        "finished_at": r.finished_at,
-                        "deleted_at": r.deleted_at,
-                        "jobs": [
-                            {"name": j.workflow, "id": j.id, "status": j.status} for j in state.jobs(r.id)
-                        ],
-                    }
-                    for r in items
-                ]
-            )
-            return
-        rows = []
-        for r in items:
-            jobs_ = state.jobs(r.id)
-            summary = ", ".join(f"{j.workflow} {j.status}" for j in jobs_ if j.status != r.status)
-            variables = " ".join(f"{k}={v}" for k, v in r.variables.items())
-            rows.append(
-                [
-                    r.name,
-                    r.workflow,
-                    ui.status(r.status) if r.deleted_at is None else ui.status(f"{r.status}, deleted"),
-                    origin_label(r.origin),
-                    variables,
-                    summary,
-                    ui.ago(r.created_at),
-                    ui.duration(r.created_at, r.finished_at),
-                ]
-            )
-        if not rows:
-            ui.info("No runs yet. Try `dstack run WORKFLOW` in a repo with `.dstack/workflows.yaml`.")
-            return
-        ui.table(["Run", "Workflow", "Status", "Started by", "Variables", "Jobs", "Submitted", "Took"], rows)
+    from dstack.cli.listing import list_runs
 
-
-def origin_label(origin: str | None) -> str:
-    """What started a run, short: manual, commit 1a2b3c4d, schedule 0 3 * * *, watch."""
-    if not origin:
-        return "manual"
-    kind, _, rest = origin.partition(" ")
-    return f"commit {rest[:8]}" if kind == "commit" else origin
-
-
-def _sweep_table(state: State, sweep: str, as_json: bool) -> None:
-    """Each combination of a sweep with its status."""
-    from dstack.cli import ui
-
-    run_ = state.run(sweep)
-    swept = [k for k, v in run_.variables.items() if "," in v]
-    items = [j for j in state.jobs(run_.id) if j.workflow == run_.workflow]
-    if as_json:
-        ui.print_json(
-            [
-                {
-                    "name": j.workflow,
-                    "id": j.id,
-                    "status": j.status,
-                    "reason": j.reason,
-                    "variables": j.variables,
-                }
-                for j in items
-            ]
-        )
-        return
-    rows = [
-        [
-            *(str(j.variables.get(k, "")) for k in swept),
-            ui.status(j.status),
-            j.runner or "",
-            j.reason or "",
-            ui.duration(j.started_at, j.finished_at),
-        ]
-        for j in items
-    ]
-    ui.table(
-        [*swept, "Status", "Runner", "Reason", "Took"], rows, title=f"Sweep {run_.name} ({run_.workflow})"
-    )
+    list_runs(limit=limit, all_=all_, sweep=sweep, as_json=as_json)
 
 
 def lineage(
@@ -262,64 +163,3 @@ def stop(run: str = typer.Argument(..., help="Run name or prefix.")) -> None:
     with open_state() as state:
         stopped = stop_run(state, run)
         ui.info(f"Stopped run [bold]{stopped.name}[/bold].")
-
-
-def job_labels(jobs_: list) -> dict[str, str]:  # type: ignore[type-arg]
-    """A label per job: its workflow, plus the variables that tell a sweep's jobs apart."""
-    labels = {}
-    for job in jobs_:
-        same = [j for j in jobs_ if j.workflow == job.workflow]
-        if len(same) == 1:
-            labels[job.id] = job.workflow
-            continue
-        mine = job.variables
-        differing = [k for k in mine if any(j.variables.get(k) != mine[k] for j in same)]
-        labels[job.id] = f"{job.workflow}[" + ",".join(f"{k}={mine[k]}" for k in differing) + "]"
-    return labels
-
-
-def follow(
-    state: State, run_id: str, follow_output: bool = True, exit_on_failure: bool = True, drive: bool = False
-) -> None:
-    """Print a run's output as it comes, prefixed by job when several jobs run; exit non-zero if it failed."""
-    from rich.markup import escape
-
-    from dstack.cli import ui
-    from dstack.errors import RunError
-    from dstack.logs import follow_run
-
-    jobs_ = state.jobs(run_id)
-    prefix = len([j for j in jobs_ if j.status != "reused"]) > 1
-    labels = job_labels(jobs_)
-    width = max((len(v) for v in labels.values()), default=0)
-    try:
-        for event in follow_run(state, run_id, follow=follow_output, drive=drive):
-            if event.kind == "status":
-                quiet = ("pending", "starting") + (() if prefix else ("running", "done"))
-                if event.text.startswith(quiet):
-                    continue
-                state_, _, why = event.text.partition(": ")
-                ui.info(
-                    f"[dim]{escape(labels.get(event.job_id, event.workflow))}:[/dim] "
-                    f"{ui.status_markup(state_)}" + (f": {escape(why)}" if why else "")
-                )
-            elif prefix:
-                ui.out(f"{labels.get(event.job_id, event.workflow).ljust(width)} | {event.text}")
-            else:
-                ui.out(event.text)
-    except KeyboardInterrupt:
-        run_ = state.run(run_id)
-        ui.info(
-            f"\nStopped following; run {run_.name} goes on. `dstack logs -f {run_.name}` re-attaches, "
-            f"`dstack stop {run_.name}` stops it."
-        )
-        raise typer.Exit(130) from None
-    run_ = state.run(run_id)
-    if run_.status == "done":
-        if follow_output:
-            ui.info(
-                f"Run [bold]{run_.name}[/bold] [green]done[/green] in "
-                f"{ui.duration(run_.created_at, run_.finished_at)}."
-            )
-    elif run_.status in ("failed", "stopped") and exit_on_failure:
-        raise RunError(f"run {run_.name} {run_.status}" + (f": {run_.reason}" if run_.reason else ""))

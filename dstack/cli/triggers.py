@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dstack.cli import new_app
+from dstack.cli.apps import new_app
 
 app = new_app(
     help="Runs started by commits (Git hooks), schedules (crontab) and file changes (`dstack watch`).",

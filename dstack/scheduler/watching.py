@@ -198,6 +198,7 @@ def sync_real_time(orch: Orchestrator, runner: Runner, job: Job) -> None:
 
     if not any(a.real_time or a.mount for a in job.spec.artifacts):
         return
+
     now = time.monotonic()
     if now - orch.rt_synced.get(job.id, 0.0) < REAL_TIME_INTERVAL:
         return

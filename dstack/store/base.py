@@ -6,11 +6,10 @@ import json
 import re
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-from pydantic import BaseModel
+from typing import Any
 
 from dstack.errors import ArtifactError, NotFoundError, UsageError
 from dstack.hashing import digest_bytes, is_digest
@@ -19,23 +18,86 @@ S_IFLNK = 0o120000
 _NAME = re.compile(r"^[A-Za-z0-9._@+=:,-]+(/[A-Za-z0-9._@+=:,-]+)*$")
 
 
-class ManifestEntry(BaseModel):
-    """One file of a manifest: a relative posix path, its size, its mode (with type bits) and digest."""
+class ManifestEntry:
+    """One file of a manifest: a relative posix path, its size, its mode (with type bits) and digest.
 
-    path: str
-    size: int
-    mode: int
-    digest: str
+    A plain class, not a pydantic model: manifests are read on every job's start and end, and the local
+    run path imports no pydantic (~50 ms). `model_validate`/`model_dump` keep pydantic's spelling."""
+
+    __slots__ = ("path", "size", "mode", "digest")
+
+    def __init__(self, *, path: str, size: int, mode: int, digest: str) -> None:
+        self.path = _text(path, "path")
+        self.size = _integer(size, "size")
+        self.mode = _integer(mode, "mode")
+        self.digest = _text(digest, "digest")
 
     @property
     def is_symlink(self) -> bool:
         return self.mode & 0o170000 == S_IFLNK
 
+    @classmethod
+    def model_validate(cls, data: object) -> ManifestEntry:
+        """An entry from its dict (extra keys ignored); ValueError naming what is wrong."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"manifest entry: expected an object, got {type(data).__name__}")
+        try:
+            return cls(path=data["path"], size=data["size"], mode=data["mode"], digest=data["digest"])
+        except KeyError as e:
+            raise ValueError(f"manifest entry: field {e.args[0]!r} is missing") from None
 
-class Manifest(BaseModel):
+    def model_dump(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mode": self.mode, "digest": self.digest}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ManifestEntry):
+            return NotImplemented
+        return (self.path, self.size, self.mode, self.digest) == (
+            other.path,
+            other.size,
+            other.mode,
+            other.digest,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the pydantic model it replaced
+
+    def __repr__(self) -> str:
+        fields = f"path={self.path!r}, size={self.size}, mode={self.mode:#o}, digest={self.digest!r}"
+        return f"ManifestEntry({fields})"
+
+
+class Manifest:
     """The files of an artifact or a repo snapshot; objects hold the content."""
 
-    entries: list[ManifestEntry] = []
+    __slots__ = ("entries",)
+
+    def __init__(self, *, entries: Iterable[ManifestEntry | dict[str, Any]] = ()) -> None:
+        if isinstance(entries, (str, bytes, dict)):
+            raise ValueError("manifest: 'entries' must be a list")
+        validate = ManifestEntry.model_validate
+        self.entries: list[ManifestEntry] = [validate(e) for e in entries]
+
+    @classmethod
+    def model_validate(cls, data: object) -> Manifest:
+        """A manifest from its dict (`{"entries": [...]}`); ValueError naming what is wrong."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"manifest: expected an object, got {type(data).__name__}")
+        entries = data.get("entries", [])
+        if not isinstance(entries, list):
+            raise ValueError("manifest: 'entries' must be a list")
+        return cls(entries=entries)
+
+    @classmethod
+    def model_validate_json(cls, data: str | bytes) -> Manifest:
+        """A manifest from its JSON; ValueError if it is not one."""
+        return cls.model_validate(json.loads(data))
+
+    def model_dump(self) -> dict[str, Any]:
+        return {"entries": [e.model_dump() for e in self.entries]}
 
     def canonical_json(self) -> str:
         """The manifest as JSON with entries sorted by path and no whitespace: what `digest()` hashes."""
@@ -49,6 +111,33 @@ class Manifest(BaseModel):
     @property
     def size(self) -> int:
         return sum(e.size for e in self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return self.entries == other.entries
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Manifest({len(self.entries)} entries)"
+
+
+def _text(value: object, name: str) -> str:
+    if type(value) is str:
+        return value
+    raise ValueError(f"manifest entry: {name} must be a string, got {type(value).__name__}")
+
+
+def _integer(value: object, name: str) -> int:
+    """An int as pydantic's lax mode takes one: an int, an integral float, or a string of digits."""
+    if type(value) is int:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise ValueError(f"manifest entry: {name} must be an integer, got {value!r}"[:200])
 
 
 def check_digest(digest: str) -> str:

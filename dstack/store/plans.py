@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -29,8 +30,11 @@ def read_plan(fingerprint: str) -> str | None:
     try:
         with PlanCache(_path()) as cache:
             return cache.get(fingerprint)
-    except (sqlite3.Error, OSError):
+    except sqlite3.DatabaseError as e:
+        _discard_if_corrupt(e)
         return None  # a cache: the plan is worked out again
+    except OSError:
+        return None
 
 
 def write_plan(fingerprint: str, plan: str) -> None:
@@ -40,8 +44,20 @@ def write_plan(fingerprint: str, plan: str) -> None:
     try:
         with PlanCache(_path()) as cache:
             cache.put(fingerprint, plan)
-    except (sqlite3.Error, OSError):
+    except sqlite3.DatabaseError as e:
+        _discard_if_corrupt(e)
+    except OSError:
         pass
+
+
+def _discard_if_corrupt(error: sqlite3.DatabaseError) -> None:
+    """A cache file that is not a database any more (it is written unsynced) is removed: made anew next."""
+    if "malformed" in str(error) or "not a database" in str(error):
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{_path()}{suffix}")
+            except OSError:
+                pass
 
 
 class PlanCache:
@@ -53,7 +69,8 @@ class PlanCache:
         self._db = sqlite3.connect(path, timeout=5, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # a cache: a plan lost in a crash is worked out again, so nothing here waits for the disk
+            self._db.execute("PRAGMA synchronous=OFF")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error:
             self._db.close()

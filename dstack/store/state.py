@@ -168,12 +168,13 @@ class Job:
 
     @property
     def spec(self) -> JobSpec:
-        """The job's spec, typed (validated once, on first use: listings that never read it stay fast)."""
+        """The job's spec, typed: JobSpec's fields read from the stored spec without pydantic (a
+        `dstack.spec_view` view; anything but reading a field validates it as a JobSpec then)."""
         typed = self.__dict__.get("_spec")
         if typed is None:
-            from dstack.specs import JobSpec
+            from dstack.spec_view import spec_view
 
-            typed = self.__dict__["_spec"] = JobSpec.model_validate(self.spec_data)
+            typed = self.__dict__["_spec"] = spec_view(self.spec_data)
         return typed
 
     @property
@@ -205,6 +206,10 @@ class State:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if not path.exists():
+            from dstack.store.fresh import create_state_file
+
+            create_state_file(path, MIGRATIONS)
         self.db = self._connect()
         self._migrate()
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dstack.errors import ConfigError
+from dstack.workflows.envquote import ENV_REF as _ENV_REF
+from dstack.workflows.envquote import escape_dq as _escape_dq
+from dstack.workflows.envquote import quote_env_value as quote_env_value
 from dstack.workflows.shellcontext import Piece, placeholders, render
 from dstack.workflows.yamlfile import YMap, scalar_text
 
@@ -25,7 +28,6 @@ _SHELL = re.compile(
     r"|\$(?P<bare>config_args|variables_as_args)(?![A-Za-z0-9_])"
 )
 _SHELL_REF = re.compile(r"\$\{" + SHELL_PREFIX + r"([A-Za-z0-9_]+)\}")
-_ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
 def is_identifier(name: str) -> bool:
@@ -267,23 +269,6 @@ def _read_section(section: str, values: Any, file: str, line: int) -> dict[str, 
             )
         out[name] = scalar_text(value)
     return out
-
-
-def quote_env_value(value: str) -> str:
-    """`value` double-quoted for `export K=…` so bash expands only `$NAME`/`${NAME}` in it (no `$(…)`,
-    backticks or other expansions): `$PATH:src` → `"$PATH:src"`, `$(rm -rf /)` → `"\\$(rm -rf /)"`."""
-    out, pos = ['"'], 0
-    for m in _ENV_REF.finditer(value):
-        out.append(_escape_dq(value[pos : m.start()]))
-        out.append("${" + (m.group(1) or m.group(2)) + "}")
-        pos = m.end()
-    out.append(_escape_dq(value[pos:]))
-    out.append('"')
-    return "".join(out)
-
-
-def _escape_dq(text: str) -> str:
-    return "".join("\\" + c if c in '\\"`$' else c for c in text)
 
 
 def expand_env(env: Mapping[str, str], base: Mapping[str, str]) -> dict[str, str]:
