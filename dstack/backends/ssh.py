@@ -10,16 +10,20 @@ the orchestrator's log say so.
 
 from __future__ import annotations
 
+import base64
+import functools
 import io
 import logging
 import posixpath
 import shlex
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState, Runner
+from dstack.errors import DstackError, HostError
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -32,6 +36,16 @@ if TYPE_CHECKING:
     from dstack.store.state import State
 
 log = logging.getLogger("dstack.backends.ssh")
+FIRST_OUTPUT_WAIT_S = 0.25  # a lone job's launch waits this long for its first output, to bring it back
+
+
+@dataclass
+class _Start:
+    """A job laid out here, to be launched on the host (at once, or with the rest of a scheduler pass)."""
+
+    ctx: JobContext
+    jd: str
+    placed: list[tuple[str, ManifestEntry]]
 
 
 class SSHRunner(Runner):
@@ -46,6 +60,17 @@ class SSHRunner(Runner):
         # why this host can't fetch from / upload to the bucket itself (found once per process)
         self._no_fetch: str | None = None
         self._no_put: str | None = None
+        # a scheduler pass (begin_pass .. end_pass): what one poll of all running jobs said, per job, and
+        # the starts and clean-ups sent together at its end
+        self._in_pass = False
+        self._pass_states: dict[str, JobState | HostError] = {}
+        self._starts: list[_Start] = []
+        self._cleanups: list[str] = []
+        # what is known of a job's files on the host: the sizes the pass's poll saw, how much it had printed
+        # when its launch ended (for the next read only), its first output
+        self._sizes: dict[str, dict[str, int]] = {}
+        self._launch_sizes: dict[str, int] = {}
+        self._heads: dict[str, bytes] = {}
 
     @classmethod
     def for_host(cls, host: Host, root: str | None = None) -> SSHRunner:
@@ -88,36 +113,42 @@ class SSHRunner(Runner):
         return probe(self.conn, self.root)
 
     def start_job(self, ctx: JobContext) -> None:
-        from dstack.ssh import direct, transfer
-
-        conn = self.conn
-        jd = self.job_dir(ctx.job_id)
+        """Lay out and launch the job; within a scheduler pass the launch goes with the pass's others."""
         entries = list(ctx.code.entries)
         if ctx.spec.repo_include is not None:
             from dstack.repo import _included
 
             entries = [e for e in entries if _included(e.path, ctx.spec.repo_include)]
+        from dstack.ssh import transfer
+
         placed = transfer.place(entries, "work")
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
-        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in placed))
-        ship = transfer.ShipResult(len(placed))
-        s3 = direct.s3_store(ctx.store)
-        over_ssh, note = missing, ""
-        if s3 is not None:
-            over_ssh, note = self._fetch_from_bucket(
-                s3, {e.digest: e.size for _, e in placed if e.digest in missing}, ship
-            )
-        ship.objects_sent = len(over_ssh)
-        ship.bytes_sent = transfer.upload_objects(conn, self.root, over_ssh, ctx.store)
-        self.last_ship = ship
-        files = {
-            **self.job_files(ctx, jd, f"{self.root}/venvs", note),
-            "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
-            ".files": (transfer.materialize_records(placed), 0o600),
-            **self._launch_files(ctx, jd),
-        }
+        start = _Start(ctx, self.job_dir(ctx.job_id), placed)
+        self._forget(ctx.job_id)
+        if not self._plain_launch():
+            self._start_one(start)
+        elif self._in_pass:
+            self._starts.append(start)
+        else:
+            failed = self._launch([start])
+            if ctx.job_id in failed:
+                raise failed[ctx.job_id]
+
+    def _plain_launch(self) -> bool:
+        """Whether jobs start as detached processes (a subclass that submits them differently starts each
+        on its own)."""
+        cls = type(self)
+        return cls._launch_command is SSHRunner._launch_command and cls._launched is SSHRunner._launched
+
+    def _start_one(self, start: _Start) -> None:
+        from dstack.ssh import transfer
+
+        ctx, jd, conn = start.ctx, start.jd, self.conn
+        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in start.placed))
+        _, note, _ = self._bring_objects(ctx, start.placed, missing)
+        files = self._job_dir_files(start, note)
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
         q = shlex.quote(jd)
         result = conn.run_with_writer(
@@ -127,6 +158,149 @@ class SSHRunner(Runner):
             lambda stdin: _write_tar(stdin, files),
         )
         self._launched(ctx, result.stdout)
+
+    def _job_dir_files(self, start: _Start, note: str) -> dict[str, tuple[bytes, int]]:
+        from dstack.ssh import transfer
+
+        ctx, jd = start.ctx, start.jd
+        return {
+            **self.job_files(ctx, jd, f"{self.root}/venvs", note),
+            "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
+            ".files": (transfer.materialize_records(start.placed), 0o600),
+            **self._launch_files(ctx, jd),
+        }
+
+    def _launch(self, starts: list[_Start], cleanups: list[str] | None = None) -> dict[str, Exception]:
+        """Lay out and launch the jobs (and remove the `cleanups` folders' work trees) in one remote command.
+
+        It is sent as if the host's cache held every input; where it lacks some, the command says so and
+        stops before laying anything out, those are brought, and it is sent again. Returns the jobs that
+        could not start, with why."""
+        from dstack.errors import RemoteCommandError
+        from dstack.ssh import direct, transfer
+
+        notes = {}
+        for st in starts:
+            self.last_ship = transfer.ShipResult(len(st.placed))
+            if direct.s3_store(st.ctx.store) is not None:
+                notes[st.ctx.job_id] = f"dstack: inputs: all in {self.name}'s cache"
+        digests = sorted({e.digest for st in starts for _, e in st.placed})
+        out = ""
+        for attempt in (1, 2):
+            files: dict[str, tuple[bytes, int]] = {}
+            for st in starts:
+                for name, data in self._job_dir_files(st, notes.get(st.ctx.job_id, "")).items():
+                    files[f"{st.ctx.job_id}/{name}"] = data
+            if digests:
+                files[f"{starts[0].ctx.job_id}/.digests"] = ("\n".join(digests).encode() + b"\n", 0o600)
+            script = self._launch_script(starts, cleanups or [], bool(digests))
+            out = self.conn.run_with_writer(script, functools.partial(_write_tar, files=files)).stdout
+            missing = {line.split()[1] for line in out.splitlines() if line.startswith("missing ")}
+            if not missing:
+                break
+            if attempt == 2:
+                raise RemoteCommandError(
+                    self.name, "lay out jobs", 1, f"objects still missing: {sorted(missing)}"
+                )
+            cleanups = []
+            for st in starts:  # each job's log says how its own inputs arrived
+                own = missing & {e.digest for _, e in st.placed}
+                _, note, _ = self._bring_objects(st.ctx, st.placed, own)
+                missing -= own
+                if note:
+                    notes[st.ctx.job_id] = note
+        started: set[str] = set()
+        failed: dict[str, Exception] = {}
+        for line in out.splitlines():
+            kind, _, rest = line.partition(" ")
+            job_id, _, what = rest.partition(" ")
+            if kind == "started":
+                started.add(job_id)
+            elif kind == "failed":
+                failed[job_id] = RemoteCommandError(self.name, "lay out the job's files", 1, what)
+            elif kind == "size" and what.isdigit():
+                self._launch_sizes[job_id.rpartition("/")[0]] = int(what)
+            elif kind == "head":
+                try:
+                    self._heads[job_id] = base64.b64decode(what, validate=True)
+                except ValueError:
+                    pass
+        for st in starts:
+            job_id = st.ctx.job_id
+            if job_id not in started and job_id not in failed:
+                failed[job_id] = HostError(f"{self.name}: the job's process did not start within 10s")
+        return failed
+
+    def _launch_script(self, starts: list[_Start], cleanups: list[str], check: bool) -> str:
+        """The remote side of `_launch` (run in the jobs folder, the jobs' files on its stdin as a tar)."""
+        from dstack.ssh import transfer
+
+        ids = " ".join(shlex.quote(st.ctx.job_id) for st in starts)
+        objects = shlex.quote(f"{self.root}/objects")
+        lines = [
+            f"J={shlex.quote(f'{self.root}/jobs')}; O={objects}",
+            'mkdir -p "$J" "$O" && cd "$J" || exit 1',
+        ]
+        if cleanups:
+            lines.append(f"rm -rf -- {' '.join(shlex.quote(d + '/work') for d in cleanups)} 2>/dev/null")
+        lines += [
+            f'for j in {ids}; do rm -rf -- "$j/work" "$j/pid" "$j/exit" "$j/.failed"; done',
+            f"mkdir -p -- {ids} && tar -x -f - || exit 1",
+        ]
+        if check:
+            first = shlex.quote(starts[0].ctx.job_id)
+            lines += [
+                f'm=$(cd "$O" && while read -r d; do [ -e "$d" ] || echo "$d"; done < "$J"/{first}/.digests)',
+                f"rm -f {first}/.digests",
+                'if [ -n "$m" ]; then for d in $m; do echo "missing $d"; done; exit 0; fi',
+            ]
+        sh = shlex.quote(transfer._MATERIALIZE_SH)
+        batch = shlex.quote(_BATCH_MATERIALIZE_PY.replace("@MATERIALIZE@", repr(transfer._MATERIALIZE_PY)))
+        lines += [
+            f'if command -v python3 >/dev/null 2>&1; then python3 -c {batch} "$O" {ids}; else',
+            f'  for j in {ids}; do bash --norc -c {sh} _ "$O" "$J/$j" < "$j/.files" > /dev/null'
+            ' 2> "$j/.failed" && rm -f "$j/.failed"; done; fi',
+            # each job detached in its own session (see dstack.ssh.process.launch_command)
+            f'for j in {ids}; do rm -f "$j/.files"; [ -e "$j/.failed" ] && continue; '
+            '(cd "$j" && exec setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null) & done',
+            f"i=0; while [ $i -lt 1000 ]; do w=; for j in {ids}; do "
+            '[ -e "$j/.failed" ] || [ -s "$j/pid" ] || { w=1; break; }; done; '
+            '[ -z "$w" ] && break; sleep 0.01; i=$((i+1)); done',
+            f'for j in {ids}; do if [ -e "$j/.failed" ]; then '
+            "printf 'failed %s %s\\n' \"$j\" \"$(head -c 500 \"$j/.failed\" | tr '\\n' ' ')\"; "
+            'rm -f "$j/.failed"; '
+            'elif [ -s "$j/pid" ]; then read -r p < "$j/pid"; echo "started $j $p"; fi; done',
+        ]
+        if len(starts) == 1:  # a lone job (`dstack run --host`): bring back its first output with it
+            steps = int(FIRST_OUTPUT_WAIT_S * 100)
+            lines += [
+                f'j={ids}; i=0; [ -s "$j/pid" ] && while [ $i -lt {steps} ] && [ ! -s "$j/log" ] && '
+                '[ ! -e "$j/exit" ]; do sleep 0.01; i=$((i+1)); done',
+                'if [ -s "$j/log" ]; then printf \'head %s \' "$j"; '
+                'head -c 65536 "$j/log" | base64 -w0; echo; fi',
+            ]
+        logs = " ".join(shlex.quote(f"{st.ctx.job_id}/log") for st in starts)
+        lines += [f"stat -c 'size %n %s' -- {logs} 2>/dev/null", "exit 0"]  # how much each has printed
+        return "\n".join(lines)
+
+    def _bring_objects(
+        self, ctx: JobContext, placed: list[tuple[str, ManifestEntry]], missing: set[str]
+    ) -> tuple[set[str], str, ShipResult]:
+        """Put what the host's cache lacks there (from the bucket, else over SSH): (sent over SSH, the job
+        log's note on how inputs arrived, what it cost)."""
+        from dstack.ssh import direct, transfer
+
+        ship = transfer.ShipResult(len(placed))
+        s3 = direct.s3_store(ctx.store)
+        over_ssh, note = missing, ""
+        if s3 is not None:
+            over_ssh, note = self._fetch_from_bucket(
+                s3, {e.digest: e.size for _, e in placed if e.digest in missing}, ship
+            )
+        ship.objects_sent = len(over_ssh)
+        ship.bytes_sent = transfer.upload_objects(self.conn, self.root, over_ssh, ctx.store)
+        self.last_ship = ship
+        return over_ssh, note, ship
 
     # how the laid-out job is started: detached here; a subclass submits it to a scheduler instead
 
@@ -181,9 +355,67 @@ class SSHRunner(Runner):
         log.info("%s", note.removeprefix("dstack: "))
         return set(failed), note
 
+    # a scheduler pass: one poll of every running job first, the starts and clean-ups sent together last
+
+    def begin_pass(self, running: list[str]) -> None:
+        """Poll the running jobs in one remote command: what each `poll_job` of this pass answers, with the
+        sizes of their logs (a log that has not grown is not read again). HostError if the host does not
+        answer (each job's `poll_job` then raises it too)."""
+        from dstack.errors import RemoteCommandError
+        from dstack.ssh import process
+
+        self._in_pass = True
+        self._pass_states, self._sizes, self._launch_sizes = {}, {}, {}
+        if not running or type(self).poll_job is not SSHRunner.poll_job:
+            return
+        try:
+            dirs = [self.job_dir(j) for j in running]
+            states = process.poll_many(self.conn, dirs, sizes=("log", "metrics"))
+        except RemoteCommandError:
+            return  # (each job's own poll says what is wrong)
+        except HostError as e:  # unreachable: each job's poll says so without asking the host again
+            self._pass_states = dict.fromkeys(running, e)
+            raise
+        for job_id, st in zip(running, states, strict=True):
+            self._pass_states[job_id] = JobState(st.status, exit_code=st.exit_code, reason=st.reason)
+            sizes = dict(st.sizes or {})
+            if st.status != "running":
+                sizes.pop("metrics", None)  # its sampler may add a last sample after the exit
+            self._sizes[job_id] = sizes
+
+    def end_pass(self) -> dict[str, Exception]:
+        """Send the pass's starts and clean-ups in one remote command; the jobs that could not start."""
+        starts, cleanups = self._starts, self._cleanups
+        self._starts, self._cleanups, self._in_pass = [], [], False
+        self._pass_states, self._sizes = {}, {}
+        try:
+            if starts:
+                return self._launch(starts, cleanups)
+            if cleanups:
+                dirs = " ".join(shlex.quote(f"{d}/work") for d in cleanups)
+                self.conn.run(f"rm -rf -- {dirs}", timeout=120)
+        except (DstackError, OSError) as e:  # OSError: e.g. no space left here for the job's files
+            if not starts:
+                log.warning("could not clean up %d jobs on %s: %s", len(cleanups), self.name, e)
+            return {st.ctx.job_id: e for st in starts}
+        return {}
+
+    def _forget(self, job_id: str) -> None:
+        self._sizes.pop(job_id, None)
+        self._launch_sizes.pop(job_id, None)
+        self._heads.pop(job_id, None)
+        self._pass_states.pop(job_id, None)
+
     def poll_job(self, job_id: str) -> JobState:
         from dstack.ssh import process
 
+        polled = self._pass_states.pop(job_id, None)
+        if isinstance(polled, HostError):
+            raise polled
+        if polled is not None:
+            return polled
+        self._sizes.pop(job_id, None)  # newer than what the pass or the launch saw of its files
+        self._launch_sizes.pop(job_id, None)
         state = process.poll(self.conn, self.job_dir(job_id))
         return JobState(state.status, exit_code=state.exit_code, reason=state.reason)
 
@@ -200,11 +432,20 @@ class SSHRunner(Runner):
     def read_log(self, job_id: str, offset: int) -> bytes:
         from dstack.ssh import process
 
+        head = self._heads.get(job_id)
+        if head is not None and offset < len(head):
+            return head[offset:] + self.read_log(job_id, len(head))  # what its launch brought back, and on
+        if offset >= self._launch_sizes.pop(job_id, offset + 1):
+            return b""  # no more than it had printed as its launch ended
+        if offset >= self._sizes.get(job_id, {}).get("log", offset + 1):
+            return b""  # no more than the pass's poll saw
         return process.read_file(self.conn, f"{self.job_dir(job_id)}/log", offset)
 
     def read_metrics(self, job_id: str, offset: int) -> bytes:
         from dstack.ssh import process
 
+        if offset >= self._sizes.get(job_id, {}).get("metrics", offset + 1):
+            return b""
         return process.read_file(self.conn, f"{self.job_dir(job_id)}/metrics", offset)
 
     def tcp_table(self) -> str:
@@ -213,6 +454,9 @@ class SSHRunner(Runner):
     def stop_job(self, job_id: str) -> None:
         from dstack.ssh import process
 
+        self._starts = [st for st in self._starts if st.ctx.job_id != job_id]  # not launched after all
+        self._sizes.pop(job_id, None)
+        self._launch_sizes.pop(job_id, None)
         process.stop(self.conn, self.job_dir(job_id))
 
     def collect_artifacts(
@@ -257,6 +501,8 @@ class SSHRunner(Runner):
 
         notes = skip_notes(posixpath.basename(jd), skipped)
         if notes:
+            self._sizes.pop(posixpath.basename(jd), None)  # its log grows
+            self._launch_sizes.pop(posixpath.basename(jd), None)
             self.conn.run(f"cat >> {shlex.quote(jd)}/log", input=notes, timeout=30)
 
     def _put_to_bucket(
@@ -367,15 +613,69 @@ class SSHRunner(Runner):
         )
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
-        if not keep:
-            self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}/work", timeout=120)
+        """Remove the job's work tree (within a scheduler pass: with the pass's other remote work)."""
+        self._forget(job_id)
+        if keep:
+            return
+        if self._in_pass:
+            self._cleanups.append(self.job_dir(job_id))
+            return
+        self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}/work", timeout=120)
 
     def remove_job(self, job_id: str) -> None:
         """Delete the job's whole directory on the host (log and exit code included)."""
+        self._forget(job_id)
         self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}", timeout=120)
 
     def close(self) -> None:
         """Connections are pooled per process (dstack.ssh.connection.close_all closes them)."""
+
+
+def warm_up(state: State, name: str) -> None:
+    """Connect to host `name` (and learn its home folder) in the background, so a run pinned to it finds
+    the connection open once it is planned. Does nothing for a runner that is not an SSH host; a failure
+    shows when the run uses the host."""
+    import threading
+
+    from dstack.errors import DstackError
+    from dstack.hosts import get, target_of
+
+    try:
+        target = target_of(get(state.db, name))
+    except DstackError:
+        return
+
+    def connect() -> None:
+        from dstack.ssh.connection import get_connection
+
+        try:
+            get_connection(target, name=name).home  # noqa: B018 - cached on the connection
+        except Exception:  # noqa: BLE001, S110 - the run itself reports it
+            pass
+
+    threading.Thread(target=connect, name=f"dstack-warm-{name}", daemon=True).start()
+
+
+# lays out several jobs from the cache with one python3: dstack.ssh.transfer's script, run per job folder
+# (argv: OBJECTS JOB...); a job it fails for gets `.failed` with why
+_BATCH_MATERIALIZE_PY = r"""
+import io, sys
+code = compile(@MATERIALIZE@, "materialize", "exec")
+objects = sys.argv[1]
+for job in sys.argv[2:]:
+    why = None
+    try:
+        with open(job + "/.files", "rb") as f:
+            sys.argv, sys.stdin = ["-c", objects, job], io.TextIOWrapper(f)
+            exec(code, {"__name__": "__main__"})
+    except SystemExit as e:
+        why = None if e.code in (None, 0) else str(e.code)
+    except Exception as e:
+        why = "%s: %s" % (type(e).__name__, e)
+    if why:
+        with open(job + "/.failed", "w") as f:
+            f.write(why)
+"""
 
 
 def _objects(n: int) -> str:

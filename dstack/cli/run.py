@@ -72,6 +72,10 @@ def run(
         real_time_artifacts=real_time,
     )
     with open_state() as state:
+        if host:  # connect to it while the run is planned
+            from dstack.backends.ssh import warm_up
+
+            warm_up(state, host)
         created = create_run(state, request)
         run_ = created.run
         if run_.sweep:

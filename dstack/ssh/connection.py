@@ -156,6 +156,7 @@ class Connection:
         self._home: str | None = None
         self._channels = threading.BoundedSemaphore(MAX_CHANNELS)
         self._open_lock = threading.Lock()
+        self._home_lock = threading.Lock()  # one `$HOME` question when threads ask at once
         self.host_key: str | None = None  # `<keytype> <base64>` after connecting
         self.has_sftp: bool | None = None  # None: not tried yet
 
@@ -488,8 +489,9 @@ class Connection:
     @property
     def home(self) -> str:
         """The login user's home directory on the host."""
-        if self._home is None:
-            self._home = self.run('printf %s "$HOME"', timeout=30).stdout.strip()
+        with self._home_lock:
+            if self._home is None:
+                self._home = self.run('printf %s "$HOME"', timeout=30).stdout.strip()
         return self._home
 
 
