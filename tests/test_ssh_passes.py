@@ -129,3 +129,40 @@ def test_a_lone_job_brings_back_its_first_output(
     assert runner.read_log("first", 0) == b"first-line\n"
     assert commands == []  # its launch brought it
     runner.stop_job("first")
+
+
+def test_paramiko_loads_invoke_only_for_a_match_exec_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dstack.ssh.connection import import_paramiko\n"
+        "import_paramiko()\n"
+        "import paramiko\n"
+        "assert 'invoke' not in sys.modules\n"
+        "config = paramiko.SSHConfig.from_text('Match exec true\\n  User bob\\n')\n"
+        "print(config.lookup('box')['user'], 'invoke' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["bob", "True"], out.stderr
+
+
+def test_a_few_small_files_travel_in_the_launch(
+    runner: SSHRunner, tmp_path: Path, commands: list[str]
+) -> None:
+    from dstack.artifacts import manifest_from_path
+
+    small = tmp_path / "small"
+    (small / "project" / "src").mkdir(parents=True)
+    (small / "project" / "src" / "main.sh").write_text("echo from main\n")
+    (small / "project" / "src" / "main.sh").chmod(0o755)
+    ctx = make_ctx(tmp_path, "tiny", ["./src/main.sh", "stat -c %a src/main.sh"])
+    ctx.code = manifest_from_path(small, ctx.store)
+    runner.conn.home  # noqa: B018
+    commands.clear()
+    runner.start_job(ctx)
+    assert [c.split(":")[0] for c in commands] == ["run_with_writer"]  # no cache asked, nothing laid out
+    assert wait_exit(runner, "tiny").exit_code == 0
+    assert runner.read_log("tiny", 0) == b"from main\n755\n"
+    assert not (Path(runner.root) / "objects" / ctx.code.entries[0].digest).exists()

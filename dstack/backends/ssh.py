@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dstack.backends.ssh")
 FIRST_OUTPUT_WAIT_S = 0.25  # a lone job's launch waits this long for its first output, to bring it back
+INLINE_BYTES = 64 * 1024  # a job's files that come to no more travel in its launch, not through the cache
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Start:
     ctx: JobContext
     jd: str
     placed: list[tuple[str, ManifestEntry]]
+    inline: bool = False  # its files go in the launch's tar (a few small ones: no cache to lay out from)
 
 
 class SSHRunner(Runner):
@@ -126,6 +128,13 @@ class SSHRunner(Runner):
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
         start = _Start(ctx, self.job_dir(ctx.job_id), placed)
+        from dstack.ssh import direct
+
+        start.inline = (
+            direct.s3_store(ctx.store) is None
+            and not any(e.is_symlink for _, e in placed)
+            and sum(e.size for _, e in placed) <= INLINE_BYTES
+        )
         self._forget(ctx.job_id)
         if not self._plain_launch():
             self._start_one(start)
@@ -163,12 +172,16 @@ class SSHRunner(Runner):
         from dstack.ssh import transfer
 
         ctx, jd = start.ctx, start.jd
-        return {
+        files = {
             **self.job_files(ctx, jd, f"{self.root}/venvs", note),
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
-            ".files": (transfer.materialize_records(start.placed), 0o600),
+            ".files": (b"" if start.inline else transfer.materialize_records(start.placed), 0o600),
             **self._launch_files(ctx, jd),
         }
+        if start.inline:  # (paths checked by transfer.place; no symlinks among them to lead elsewhere)
+            for path, entry in start.placed:
+                files[path] = (ctx.store.get_bytes(entry.digest), entry.mode & 0o755)
+        return files
 
     def _launch(self, starts: list[_Start], cleanups: list[str] | None = None) -> dict[str, Exception]:
         """Lay out and launch the jobs (and remove the `cleanups` folders' work trees) in one remote command.
@@ -182,9 +195,11 @@ class SSHRunner(Runner):
         notes = {}
         for st in starts:
             self.last_ship = transfer.ShipResult(len(st.placed))
+            if st.inline:
+                self.last_ship.bytes_sent = sum(e.size for _, e in st.placed)
             if direct.s3_store(st.ctx.store) is not None:
                 notes[st.ctx.job_id] = f"dstack: inputs: all in {self.name}'s cache"
-        digests = sorted({e.digest for st in starts for _, e in st.placed})
+        digests = sorted({e.digest for st in starts if not st.inline for _, e in st.placed})
         out = ""
         for attempt in (1, 2):
             files: dict[str, tuple[bytes, int]] = {}
@@ -256,9 +271,11 @@ class SSHRunner(Runner):
             ]
         sh = shlex.quote(transfer._MATERIALIZE_SH)
         batch = shlex.quote(_BATCH_MATERIALIZE_PY.replace("@MATERIALIZE@", repr(transfer._MATERIALIZE_PY)))
-        lines += [
-            f'if command -v python3 >/dev/null 2>&1; then python3 -c {batch} "$O" {ids}; else',
-            f'  for j in {ids}; do bash --norc -c {sh} _ "$O" "$J/$j" < "$j/.files" > /dev/null'
+        lines += [  # the jobs with files to lay out from the cache
+            f'todo=(); for j in {ids}; do [ -s "$j/.files" ] && todo+=("$j"); done',
+            "if [ ${#todo[@]} = 0 ]; then :; elif command -v python3 >/dev/null 2>&1; then "
+            f'python3 -c {batch} "$O" "${{todo[@]}}"; else',
+            f'  for j in "${{todo[@]}}"; do bash --norc -c {sh} _ "$O" "$J/$j" < "$j/.files" > /dev/null'
             ' 2> "$j/.failed" && rm -f "$j/.failed"; done; fi',
             # each job detached in its own session (see dstack.ssh.process.launch_command)
             f'for j in {ids}; do rm -f "$j/.files"; [ -e "$j/.failed" ] && continue; '

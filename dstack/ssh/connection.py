@@ -38,6 +38,36 @@ _BUF = 1 << 16
 AcceptKey = Callable[[str], bool]
 
 
+def import_paramiko() -> None:
+    """Import paramiko without the `invoke` package it loads up front for `Match exec` in ssh configs (a
+    third of its import time, on the way to a first connection): invoke is imported when such a line is."""
+    import sys
+
+    if "paramiko" in sys.modules:
+        return
+    blocked = "invoke" not in sys.modules
+    if blocked:
+        sys.modules["invoke"] = None  # type: ignore[assignment]  # `import invoke` raises ImportError
+    try:
+        import paramiko.config
+    finally:
+        if blocked and "invoke" in sys.modules and sys.modules["invoke"] is None:
+            del sys.modules["invoke"]
+    if blocked and getattr(paramiko.config, "invoke", False) is None:
+        paramiko.config.invoke = _LazyInvoke()  # type: ignore[attr-defined]
+
+
+class _LazyInvoke:
+    """Stands for the `invoke` module in paramiko.config until it is used."""
+
+    def __getattr__(self, name: str) -> Any:
+        import invoke
+        import paramiko.config
+
+        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
+        return getattr(invoke, name)
+
+
 def dstack_home() -> Path:
     """`$DSTACK_HOME`, or ~/.dstack."""
     return Path(os.environ.get("DSTACK_HOME") or os.path.expanduser("~/.dstack"))
@@ -71,6 +101,7 @@ _KNOWN_HOSTS_LOCK = threading.Lock()
 
 def pinned_key(target: SSHTarget) -> str | None:
     """The key pinned for the target's address, as `<keytype> <base64>`, or None."""
+    import_paramiko()
     import paramiko
 
     path = known_hosts_path()
@@ -164,6 +195,7 @@ class Connection:
 
     def open(self, accept: AcceptKey | None = None) -> None:
         """Connect and authenticate; pin the host key the first time if `accept` says yes."""
+        import_paramiko()
         import paramiko
 
         _quiet_paramiko()
