@@ -280,19 +280,19 @@ class SSHRunner(Runner):
             # each job detached in its own session (see dstack.ssh.process.launch_command)
             f'for j in {ids}; do rm -f "$j/.files"; [ -e "$j/.failed" ] && continue; '
             '(cd "$j" && exec setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null) & done',
-            f"i=0; while [ $i -lt 1000 ]; do w=; for j in {ids}; do "
+            f"i=0; while [ $i -lt 2000 ]; do w=; for j in {ids}; do "
             '[ -e "$j/.failed" ] || [ -s "$j/pid" ] || { w=1; break; }; done; '
-            '[ -z "$w" ] && break; sleep 0.01; i=$((i+1)); done',
+            '[ -z "$w" ] && break; sleep 0.005; i=$((i+1)); done',
             f'for j in {ids}; do if [ -e "$j/.failed" ]; then '
             "printf 'failed %s %s\\n' \"$j\" \"$(head -c 500 \"$j/.failed\" | tr '\\n' ' ')\"; "
             'rm -f "$j/.failed"; '
             'elif [ -s "$j/pid" ]; then read -r p < "$j/pid"; echo "started $j $p"; fi; done',
         ]
         if len(starts) == 1:  # a lone job (`dstack run --host`): bring back its first output with it
-            steps = int(FIRST_OUTPUT_WAIT_S * 100)
+            steps = int(FIRST_OUTPUT_WAIT_S * 200)
             lines += [
                 f'j={ids}; i=0; [ -s "$j/pid" ] && while [ $i -lt {steps} ] && [ ! -s "$j/log" ] && '
-                '[ ! -e "$j/exit" ]; do sleep 0.01; i=$((i+1)); done',
+                '[ ! -e "$j/exit" ]; do sleep 0.005; i=$((i+1)); done',
                 'if [ -s "$j/log" ]; then printf \'head %s \' "$j"; '
                 'head -c 65536 "$j/log" | base64 -w0; echo; fi',
             ]
@@ -648,24 +648,20 @@ class SSHRunner(Runner):
         """Connections are pooled per process (dstack.ssh.connection.close_all closes them)."""
 
 
-def warm_up(state: State, name: str) -> None:
+def warm_up(name: str) -> None:
     """Connect to host `name` (and learn its home folder) in the background, so a run pinned to it finds
-    the connection open once it is planned. Does nothing for a runner that is not an SSH host; a failure
-    shows when the run uses the host."""
+    the connection open once it is planned. Nothing for a runner that is not an SSH host; a failure shows
+    when the run uses the host."""
     import threading
 
-    from dstack.errors import DstackError
-    from dstack.hosts import get, target_of
-
-    try:
-        target = target_of(get(state.db, name))
-    except DstackError:
-        return
-
     def connect() -> None:
+        from dstack.hosts import get, target_of
         from dstack.ssh.connection import get_connection
+        from dstack.store.state import open_state
 
         try:
+            with open_state() as state:
+                target = target_of(get(state.db, name))
             get_connection(target, name=name).home  # noqa: B018 - cached on the connection
         except Exception:  # noqa: BLE001, S110 - the run itself reports it
             pass

@@ -51,6 +51,10 @@ def run(
         after = sys.argv[sys.argv.index("--") + 1 :]
         if after and extra[-len(after) :] == after:
             extra = [*extra[: len(extra) - len(after)], "--", *after]
+    if host:  # connect to it while the run is planned
+        from dstack.backends.ssh import warm_up
+
+        warm_up(host)
     overrides, args = parse_variables(extra)
     from dstack.runs import RunRequest, create_run
     from dstack.store.state import open_state
@@ -72,10 +76,6 @@ def run(
         real_time_artifacts=real_time,
     )
     with open_state() as state:
-        if host:  # connect to it while the run is planned
-            from dstack.backends.ssh import warm_up
-
-            warm_up(state, host)
         created = create_run(state, request)
         run_ = created.run
         if run_.sweep:
