@@ -226,6 +226,7 @@ class SSHRunner(Runner):
                     notes[st.ctx.job_id] = note
         started: set[str] = set()
         failed: dict[str, Exception] = {}
+        sizes: dict[str, int] = {}
         for line in out.splitlines():
             kind, _, rest = line.partition(" ")
             job_id, _, what = rest.partition(" ")
@@ -234,12 +235,14 @@ class SSHRunner(Runner):
             elif kind == "failed":
                 failed[job_id] = RemoteCommandError(self.name, "lay out the job's files", 1, what)
             elif kind == "size" and what.isdigit():
-                self._launch_sizes[job_id.rpartition("/")[0]] = int(what)
+                sizes[job_id.rpartition("/")[0]] = int(what)
             elif kind == "head":
                 try:
                     self._heads[job_id] = base64.b64decode(what, validate=True)
                 except ValueError:
                     pass
+        for job_id in started:  # no log yet: nothing printed
+            self._launch_sizes[job_id] = sizes.get(job_id, 0)
         for st in starts:
             job_id = st.ctx.job_id
             if job_id not in started and job_id not in failed:
@@ -258,10 +261,8 @@ class SSHRunner(Runner):
         ]
         if cleanups:
             lines.append(f"rm -rf -- {' '.join(shlex.quote(d + '/work') for d in cleanups)} 2>/dev/null")
-        lines += [
-            f'for j in {ids}; do rm -rf -- "$j/work" "$j/pid" "$j/exit" "$j/.failed"; done',
-            f"mkdir -p -- {ids} && tar -x -f - || exit 1",
-        ]
+        old = " ".join(shlex.quote(f"{st.ctx.job_id}/{name}") for st in starts for name in _LAUNCH_LEFTOVERS)
+        lines += [f"rm -rf -- {old} && mkdir -p -- {ids} && tar -x -f - || exit 1"]
         if check:
             first = shlex.quote(starts[0].ctx.job_id)
             lines += [
@@ -278,7 +279,8 @@ class SSHRunner(Runner):
             f'  for j in "${{todo[@]}}"; do bash --norc -c {sh} _ "$O" "$J/$j" < "$j/.files" > /dev/null'
             ' 2> "$j/.failed" && rm -f "$j/.failed"; done; fi',
             # each job detached in its own session (see dstack.ssh.process.launch_command)
-            f'for j in {ids}; do rm -f "$j/.files"; [ -e "$j/.failed" ] && continue; '
+            "rm -f -- " + " ".join(shlex.quote(f"{st.ctx.job_id}/.files") for st in starts),
+            f'for j in {ids}; do [ -e "$j/.failed" ] && continue; '
             '(cd "$j" && exec setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null) & done',
             f"i=0; while [ $i -lt 2000 ]; do w=; for j in {ids}; do "
             '[ -e "$j/.failed" ] || [ -s "$j/pid" ] || { w=1; break; }; done; '
@@ -668,6 +670,8 @@ def warm_up(name: str) -> None:
 
     threading.Thread(target=connect, name=f"dstack-warm-{name}", daemon=True).start()
 
+
+_LAUNCH_LEFTOVERS = ("work", "pid", "exit", ".failed")  # an earlier attempt's, gone before a launch
 
 # lays out several jobs from the cache with one python3: dstack.ssh.transfer's script, run per job folder
 # (argv: OBJECTS JOB...); a job it fails for gets `.failed` with why
