@@ -10,7 +10,6 @@ the orchestrator's log say so.
 
 from __future__ import annotations
 
-import base64
 import functools
 import io
 import logging
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from dstack.store.state import State
 
 log = logging.getLogger("dstack.backends.ssh")
-FIRST_OUTPUT_WAIT_S = 0.25  # a lone job's launch waits this long for its first output, to bring it back
 INLINE_BYTES = 64 * 1024  # a job's files that come to no more travel in its launch, not through the cache
 
 
@@ -121,15 +119,13 @@ class SSHRunner(Runner):
             from dstack.repo import _included
 
             entries = [e for e in entries if _included(e.path, ctx.spec.repo_include)]
-        from dstack.ssh import transfer
+        from dstack.ssh import direct, transfer
 
         placed = transfer.place(entries, "work")
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
         start = _Start(ctx, self.job_dir(ctx.job_id), placed)
-        from dstack.ssh import direct
-
         start.inline = (
             direct.s3_store(ctx.store) is None
             and not any(e.is_symlink for _, e in placed)
@@ -190,8 +186,9 @@ class SSHRunner(Runner):
         stops before laying anything out, those are brought, and it is sent again. Returns the jobs that
         could not start, with why."""
         from dstack.errors import RemoteCommandError
-        from dstack.ssh import direct, transfer
+        from dstack.ssh import direct, launch, transfer
 
+        ids = [st.ctx.job_id for st in starts]
         notes = {}
         for st in starts:
             self.last_ship = transfer.ShipResult(len(st.placed))
@@ -208,9 +205,9 @@ class SSHRunner(Runner):
                     files[f"{st.ctx.job_id}/{name}"] = data
             if digests:
                 files[f"{starts[0].ctx.job_id}/.digests"] = ("\n".join(digests).encode() + b"\n", 0o600)
-            script = self._launch_script(starts, cleanups or [], bool(digests))
+            script = launch.launch_script(self.root, ids, cleanups or [], bool(digests))
             out = self.conn.run_with_writer(script, functools.partial(_write_tar, files=files)).stdout
-            missing = {line.split()[1] for line in out.splitlines() if line.startswith("missing ")}
+            missing = launch.read_output(out).missing
             if not missing:
                 break
             if attempt == 2:
@@ -224,83 +221,19 @@ class SSHRunner(Runner):
                 missing -= own
                 if note:
                     notes[st.ctx.job_id] = note
-        started: set[str] = set()
-        failed: dict[str, Exception] = {}
-        sizes: dict[str, int] = {}
-        for line in out.splitlines():
-            kind, _, rest = line.partition(" ")
-            job_id, _, what = rest.partition(" ")
-            if kind == "started":
-                started.add(job_id)
-            elif kind == "failed":
-                failed[job_id] = RemoteCommandError(self.name, "lay out the job's files", 1, what)
-            elif kind == "size" and what.isdigit():
-                sizes[job_id.rpartition("/")[0]] = int(what)
-            elif kind == "head":
-                try:
-                    self._heads[job_id] = base64.b64decode(what, validate=True)
-                except ValueError:
-                    pass
-        for job_id in started:  # no log yet: nothing printed
-            self._launch_sizes[job_id] = sizes.get(job_id, 0)
+        done = launch.read_output(out)
+        failed: dict[str, Exception] = {
+            job_id: RemoteCommandError(self.name, "lay out the job's files", 1, why)
+            for job_id, why in done.failed.items()
+        }
+        self._heads.update(done.heads)
+        for job_id in done.started:  # no log yet: nothing printed
+            self._launch_sizes[job_id] = done.sizes.get(job_id, 0)
         for st in starts:
             job_id = st.ctx.job_id
-            if job_id not in started and job_id not in failed:
+            if job_id not in done.started and job_id not in failed:
                 failed[job_id] = HostError(f"{self.name}: the job's process did not start within 10s")
         return failed
-
-    def _launch_script(self, starts: list[_Start], cleanups: list[str], check: bool) -> str:
-        """The remote side of `_launch` (run in the jobs folder, the jobs' files on its stdin as a tar)."""
-        from dstack.ssh import transfer
-
-        ids = " ".join(shlex.quote(st.ctx.job_id) for st in starts)
-        objects = shlex.quote(f"{self.root}/objects")
-        lines = [
-            f"J={shlex.quote(f'{self.root}/jobs')}; O={objects}",
-            'mkdir -p "$J" "$O" && cd "$J" || exit 1',
-        ]
-        if cleanups:
-            lines.append(f"rm -rf -- {' '.join(shlex.quote(d + '/work') for d in cleanups)} 2>/dev/null")
-        old = " ".join(shlex.quote(f"{st.ctx.job_id}/{name}") for st in starts for name in _LAUNCH_LEFTOVERS)
-        lines += [f"rm -rf -- {old} && mkdir -p -- {ids} && tar -x -f - || exit 1"]
-        if check:
-            first = shlex.quote(starts[0].ctx.job_id)
-            lines += [
-                f'm=$(cd "$O" && while read -r d; do [ -e "$d" ] || echo "$d"; done < "$J"/{first}/.digests)',
-                f"rm -f {first}/.digests",
-                'if [ -n "$m" ]; then for d in $m; do echo "missing $d"; done; exit 0; fi',
-            ]
-        sh = shlex.quote(transfer._MATERIALIZE_SH)
-        batch = shlex.quote(_BATCH_MATERIALIZE_PY.replace("@MATERIALIZE@", repr(transfer._MATERIALIZE_PY)))
-        lines += [  # the jobs with files to lay out from the cache
-            f'todo=(); for j in {ids}; do [ -s "$j/.files" ] && todo+=("$j"); done',
-            "if [ ${#todo[@]} = 0 ]; then :; elif command -v python3 >/dev/null 2>&1; then "
-            f'python3 -c {batch} "$O" "${{todo[@]}}"; else',
-            f'  for j in "${{todo[@]}}"; do bash --norc -c {sh} _ "$O" "$J/$j" < "$j/.files" > /dev/null'
-            ' 2> "$j/.failed" && rm -f "$j/.failed"; done; fi',
-            # each job detached in its own session (see dstack.ssh.process.launch_command)
-            "rm -f -- " + " ".join(shlex.quote(f"{st.ctx.job_id}/.files") for st in starts),
-            f'for j in {ids}; do [ -e "$j/.failed" ] && continue; '
-            '(cd "$j" && exec setsid nohup bash run.sh > /dev/null 2>&1 < /dev/null) & done',
-            f"i=0; while [ $i -lt 2000 ]; do w=; for j in {ids}; do "
-            '[ -e "$j/.failed" ] || [ -s "$j/pid" ] || { w=1; break; }; done; '
-            '[ -z "$w" ] && break; sleep 0.005; i=$((i+1)); done',
-            f'for j in {ids}; do if [ -e "$j/.failed" ]; then '
-            "printf 'failed %s %s\\n' \"$j\" \"$(head -c 500 \"$j/.failed\" | tr '\\n' ' ')\"; "
-            'rm -f "$j/.failed"; '
-            'elif [ -s "$j/pid" ]; then read -r p < "$j/pid"; echo "started $j $p"; fi; done',
-        ]
-        if len(starts) == 1:  # a lone job (`dstack run --host`): bring back its first output with it
-            steps = int(FIRST_OUTPUT_WAIT_S * 200)
-            lines += [
-                f'j={ids}; i=0; [ -s "$j/pid" ] && while [ $i -lt {steps} ] && [ ! -s "$j/log" ] && '
-                '[ ! -e "$j/exit" ]; do sleep 0.005; i=$((i+1)); done',
-                'if [ -s "$j/log" ]; then printf \'head %s \' "$j"; '
-                'head -c 65536 "$j/log" | base64 -w0; echo; fi',
-            ]
-        logs = " ".join(shlex.quote(f"{st.ctx.job_id}/log") for st in starts)
-        lines += [f"stat -c 'size %n %s' -- {logs} 2>/dev/null", "exit 0"]  # how much each has printed
-        return "\n".join(lines)
 
     def _bring_objects(
         self, ctx: JobContext, placed: list[tuple[str, ManifestEntry]], missing: set[str]
@@ -669,30 +602,6 @@ def warm_up(name: str) -> None:
             pass
 
     threading.Thread(target=connect, name=f"dstack-warm-{name}", daemon=True).start()
-
-
-_LAUNCH_LEFTOVERS = ("work", "pid", "exit", ".failed")  # an earlier attempt's, gone before a launch
-
-# lays out several jobs from the cache with one python3: dstack.ssh.transfer's script, run per job folder
-# (argv: OBJECTS JOB...); a job it fails for gets `.failed` with why
-_BATCH_MATERIALIZE_PY = r"""
-import io, sys
-code = compile(@MATERIALIZE@, "materialize", "exec")
-objects = sys.argv[1]
-for job in sys.argv[2:]:
-    why = None
-    try:
-        with open(job + "/.files", "rb") as f:
-            sys.argv, sys.stdin = ["-c", objects, job], io.TextIOWrapper(f)
-            exec(code, {"__name__": "__main__"})
-    except SystemExit as e:
-        why = None if e.code in (None, 0) else str(e.code)
-    except Exception as e:
-        why = "%s: %s" % (type(e).__name__, e)
-    if why:
-        with open(job + "/.failed", "w") as f:
-            f.write(why)
-"""
 
 
 def _objects(n: int) -> str:

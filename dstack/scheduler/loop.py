@@ -1,6 +1,8 @@
 """The scheduler's loop: drives one run — one `step` places pending jobs (`placement`), watches running ones
-(`watching`) and finishes the run. It runs in `dstack run` while that follows the run, else in a detached
-process (`dstack.scheduler.daemon`); killing the CLI never stops a run."""
+(`watching`) and finishes the run. A step is a pass for each runner: a host polls all its running jobs in one
+round trip as it begins and sends its starts and clean-ups in one as it ends (hosts at once). It runs in
+`dstack run` while that follows the run, else in a detached process (`dstack.scheduler.daemon`); killing the
+CLI never stops a run."""
 
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class Orchestrator:
         by_id = {j.id: j for j in jobs}
         running = [j for j in jobs if j.status == "running"]
         placing = {j.id for j in jobs if j.status in ("pending", "waiting")}
+        began = time.time()
         self.begin_pass(running)
         try:
             for job in running:
@@ -97,10 +100,10 @@ class Orchestrator:
         finally:
             self.end_pass()
         jobs = self.state.jobs(run.id)
-        for job in jobs:
-            if job.id not in placing or not job.runner:
+        for job in jobs:  # those started in this pass (their launch went out at its end)
+            if job.id not in placing or not job.runner or (job.started_at or 0) < began:
                 continue
-            if job.status in ("stopped", "cancelled"):  # started at the pass's end, stopped meanwhile
+            if job.status in ("stopped", "cancelled"):  # stopped by another process before the launch
                 self.stop_late(job)
             elif job.status == "running" and job.runner != "local":  # what it printed at once
                 mirror_log(self, self.runner(job.runner), job)
@@ -159,6 +162,7 @@ class Orchestrator:
                 )
 
     def stop_late(self, job: Job) -> None:
+        """Stop a job whose launch went out after it was stopped."""
         try:
             runner = self.runner(job.runner or "local")
             runner.stop_job(job.id)
