@@ -37,6 +37,8 @@ class Orchestrator:
         self.rt_synced: dict[str, float] = {}
         self.unreachable_since: dict[str, float] = {}
         self._in_pass = False
+        self.changed_at = time.monotonic()  # when a step last saw a job change status (steps come fast then)
+        self._statuses: dict[str, str] = {}
 
     def runner(self, name: str) -> Runner:
         from dstack.backends import open_runner
@@ -100,6 +102,9 @@ class Orchestrator:
         finally:
             self.end_pass()
         jobs = self.state.jobs(run.id)
+        statuses = {j.id: j.status for j in jobs}
+        if statuses != self._statuses:
+            self._statuses, self.changed_at = statuses, time.monotonic()
         for job in jobs:  # those started in this pass (their launch went out at its end)
             if job.id not in placing or not job.runner or (job.started_at or 0) < began:
                 continue
