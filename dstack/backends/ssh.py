@@ -382,23 +382,26 @@ class SSHRunner(Runner):
         }
 
     def read_log(self, job_id: str, offset: int) -> bytes:
-        from dstack.ssh import process
-
         head = self._heads.get(job_id)
         if head is not None and offset < len(head):
             return head[offset:] + self.read_log(job_id, len(head))  # what its launch brought back, and on
         if offset >= self._launch_sizes.pop(job_id, offset + 1):
             return b""  # no more than it had printed as its launch ended
-        if offset >= self._sizes.get(job_id, {}).get("log", offset + 1):
-            return b""  # no more than the pass's poll saw
-        return process.read_file(self.conn, f"{self.job_dir(job_id)}/log", offset)
+        return self._read(job_id, "log", offset)
 
     def read_metrics(self, job_id: str, offset: int) -> bytes:
+        return self._read(job_id, "metrics", offset)
+
+    def _read(self, job_id: str, name: str, offset: int) -> bytes:
+        """A file of the job's from `offset` on: none of it past what the pass's poll saw (so the read asks
+        for exactly that much, and a file that has not grown is not read)."""
         from dstack.ssh import process
 
-        if offset >= self._sizes.get(job_id, {}).get("metrics", offset + 1):
+        known = self._sizes.get(job_id, {}).get(name)
+        if known is not None and offset >= known:
             return b""
-        return process.read_file(self.conn, f"{self.job_dir(job_id)}/metrics", offset)
+        limit = process.MAX_LOG_CHUNK if known is None else min(process.MAX_LOG_CHUNK, known - offset)
+        return process.read_file(self.conn, f"{self.job_dir(job_id)}/{name}", offset, limit)
 
     def tcp_table(self) -> str:
         return self.conn.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || :", timeout=30).stdout
