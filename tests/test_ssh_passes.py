@@ -129,6 +129,12 @@ def test_a_lone_job_brings_back_its_first_output(
     assert runner.read_log("first", 0) == b"first-line\n"
     assert commands == []  # its launch brought it
     runner.stop_job("first")
+    runner.begin_pass([])  # the scheduler's pass on an idle host (`dstack run --host`): the same
+    runner.start_job(make_ctx(tmp_path, "second", ["echo second-line", "sleep 30"]))
+    assert runner.end_pass() == {}
+    commands.clear()
+    assert runner.read_log("second", 0) == b"second-line\n" and commands == []
+    runner.stop_job("second")
 
 
 def test_paramiko_loads_invoke_only_for_a_match_exec_line(tmp_path: Path) -> None:

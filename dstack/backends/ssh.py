@@ -63,6 +63,7 @@ class SSHRunner(Runner):
         # a scheduler pass (begin_pass .. end_pass): what one poll of all running jobs said, per job, and
         # the starts and clean-ups sent together at its end
         self._in_pass = False
+        self._pass_running = 0  # jobs running here as the pass began
         self._pass_states: dict[str, JobState | HostError] = {}
         self._starts: list[_Start] = []
         self._cleanups: list[str] = []
@@ -137,7 +138,7 @@ class SSHRunner(Runner):
         elif self._in_pass:
             self._starts.append(start)
         else:
-            failed = self._launch([start])
+            failed = self._launch([start], first_output=True)
             if ctx.job_id in failed:
                 raise failed[ctx.job_id]
 
@@ -179,12 +180,14 @@ class SSHRunner(Runner):
                 files[path] = (ctx.store.get_bytes(entry.digest), entry.mode & 0o755)
         return files
 
-    def _launch(self, starts: list[_Start], cleanups: list[str] | None = None) -> dict[str, Exception]:
+    def _launch(
+        self, starts: list[_Start], cleanups: list[str] | None = None, first_output: bool = False
+    ) -> dict[str, Exception]:
         """Lay out and launch the jobs (and remove the `cleanups` folders' work trees) in one remote command.
 
         It is sent as if the host's cache held every input; where it lacks some, the command says so and
-        stops before laying anything out, those are brought, and it is sent again. Returns the jobs that
-        could not start, with why."""
+        stops before laying anything out, those are brought, and it is sent again. `first_output`: a lone
+        job's launch brings back its first output. Returns the jobs that could not start, with why."""
         from dstack.errors import RemoteCommandError
         from dstack.ssh import direct, launch, transfer
 
@@ -205,7 +208,7 @@ class SSHRunner(Runner):
                     files[f"{st.ctx.job_id}/{name}"] = data
             if digests:
                 files[f"{starts[0].ctx.job_id}/.digests"] = ("\n".join(digests).encode() + b"\n", 0o600)
-            script = launch.launch_script(self.root, ids, cleanups or [], bool(digests))
+            script = launch.launch_script(self.root, ids, cleanups or [], bool(digests), first_output)
             out = self.conn.run_with_writer(script, functools.partial(_write_tar, files=files)).stdout
             missing = launch.read_output(out).missing
             if not missing:
@@ -318,6 +321,7 @@ class SSHRunner(Runner):
 
         self._in_pass = True
         self._pass_states, self._sizes, self._launch_sizes = {}, {}, {}
+        self._pass_running = len(running)
         if not running or type(self).poll_job is not SSHRunner.poll_job:
             return
         try:
@@ -340,9 +344,10 @@ class SSHRunner(Runner):
         starts, cleanups = self._starts, self._cleanups
         self._starts, self._cleanups, self._in_pass = [], [], False
         self._pass_states, self._sizes = {}, {}
+        idle, self._pass_running = not self._pass_running, 0
         try:
-            if starts:
-                return self._launch(starts, cleanups)
+            if starts:  # a lone job on an idle host (`dstack run --host`) brings back its first output
+                return self._launch(starts, cleanups, idle and not cleanups and len(starts) == 1)
             if cleanups:
                 dirs = " ".join(shlex.quote(f"{d}/work") for d in cleanups)
                 self.conn.run(f"rm -rf -- {dirs}", timeout=120)

@@ -3,7 +3,8 @@
 The command reads the jobs' files as a tar on its stdin (into `<root>/jobs/`), says which objects the
 host's cache lacks (and stops there, if any), lays each job's tree out from the cache, starts each job
 detached in its own session (as dstack.ssh.process.launch_command does one), waits for their pids, and
-prints one line per job. A lone job's launch waits a moment for its first output and brings it back.
+prints one line per job. A lone job's launch (`dstack run --host`) may wait a moment for its first output
+and bring it back.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ class Launched:
     heads: dict[str, bytes] = field(default_factory=dict)
 
 
-def launch_script(root: str, job_ids: list[str], cleanups: list[str], check: bool) -> str:
+def launch_script(
+    root: str, job_ids: list[str], cleanups: list[str], check: bool, first_output: bool = False
+) -> str:
     """The command: `cleanups` are job folders whose work trees go first; `check`: the first job's
-    `.digests` lists the objects its jobs' `.files` lay out from the cache (else none do)."""
+    `.digests` lists the objects its jobs' `.files` lay out from the cache (else none do); `first_output`:
+    wait a moment for a lone job's first output and bring it back."""
     from dstack.ssh import transfer
 
     ids = " ".join(shlex.quote(j) for j in job_ids)
@@ -67,7 +71,7 @@ def launch_script(root: str, job_ids: list[str], cleanups: list[str], check: boo
         'rm -f "$j/.failed"; '
         'elif [ -s "$j/pid" ]; then read -r p < "$j/pid"; echo "started $j $p"; fi; done',
     ]
-    if len(job_ids) == 1:  # a lone job (`dstack run --host`): bring back its first output with it
+    if first_output and len(job_ids) == 1:
         steps = int(FIRST_OUTPUT_WAIT_S * 200)
         lines += [
             f'j={ids}; i=0; [ -s "$j/pid" ] && while [ $i -lt {steps} ] && [ ! -s "$j/log" ] && '
