@@ -172,3 +172,26 @@ def test_a_few_small_files_travel_in_the_launch(
     assert wait_exit(runner, "tiny").exit_code == 0
     assert runner.read_log("tiny", 0) == b"from main\n755\n"
     assert not (Path(runner.root) / "objects" / ctx.code.entries[0].digest).exists()
+
+
+def test_a_warm_up_that_got_no_answer_is_not_waited_for_twice(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from dstack.errors import HostError
+    from dstack.ssh import connection
+    from dstack.ssh.config import SSHTarget
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = SSHTarget(alias="gone", hostname="127.0.0.1", port=port, user="nobody")
+    connection.warm_up(target, "gone")
+    assert target.key in connection._WARM_FAILED
+    started = time.monotonic()
+    with pytest.raises(HostError, match="cannot reach gone"):
+        connection.get_connection(target, name="gone")  # the warm-up's answer, not a second try
+    assert target.key not in connection._WARM_FAILED
+    with pytest.raises(HostError, match="cannot reach gone"):
+        connection.get_connection(target, name="gone")  # tries again itself
+    assert time.monotonic() - started < 5

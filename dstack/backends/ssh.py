@@ -599,13 +599,13 @@ def warm_up(name: str) -> None:
 
     def connect() -> None:
         from dstack.hosts import get, target_of
-        from dstack.ssh.connection import get_connection
+        from dstack.ssh import connection
         from dstack.store.state import open_state
 
         try:
             with open_state() as state:
                 target = target_of(get(state.db, name))
-            get_connection(target, name=name).home  # noqa: B018 - cached on the connection
+            connection.warm_up(target, name)
         except Exception:  # noqa: BLE001, S110 - the run itself reports it
             pass
 

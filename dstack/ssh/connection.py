@@ -600,12 +600,34 @@ def get_connection(
             if name:
                 conn.name = name
             return conn
+        failed = _WARM_FAILED.pop(target.key, None)
+        if failed is not None and time.monotonic() - failed[0] < CONNECT_TIMEOUT:
+            raise failed[1]
         if conn is not None:
             conn.close()
         conn = Connection(target, name)
         conn.open(accept)
         _POOL[target.key] = conn
         return conn
+
+
+_WARM_FAILED: dict[str, tuple[float, HostError]] = {}  # target -> (when, why): a warm-up that got no answer
+
+
+def warm_up(target: SSHTarget, name: str) -> None:
+    """Open the pooled connection to `target` and learn its home folder ahead of its use (in a background
+    thread). If the host does not answer, the next `get_connection` to it says so at once, rather than
+    waiting a second timeout."""
+    with _POOL_LOCK:  # (held until the failure is noted: a caller waiting for the connection sees it)
+        try:
+            conn = get_connection(target, name=name)
+        except HostError as e:
+            _WARM_FAILED[target.key] = (time.monotonic(), e)
+            return
+    try:
+        conn.home  # noqa: B018 - cached on the connection
+    except HostError:
+        pass
 
 
 def drop_connection(conn: Connection) -> None:
