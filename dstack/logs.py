@@ -59,7 +59,7 @@ def follow_run(
             if not standby and now - started > STANDBY_AFTER_S:
                 standby = bool(start_orchestrator(run_id))
             if orch is not None and now >= next_step:
-                next_step = now + poll_interval(now - started)
+                next_step = now + poll_interval(now - orch.changed_at)
                 if now - beat >= BEAT_S:
                     beat = now
                     if not state.beat(run_id, os.getpid()):

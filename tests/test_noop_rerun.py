@@ -62,7 +62,10 @@ def recorded_runs() -> list[tuple[object, list[object]]]:
                 k: v for k, v in run.__dict__.items() if k not in ("id", "name", "created_at", "finished_at")
             }
             jobs = [
-                {k: j.__dict__[k] for k in ("workflow", "status", "key", "spec_data", "manifest", "reused_from")}
+                {
+                    k: j.__dict__[k]
+                    for k in ("workflow", "status", "key", "spec_data", "manifest", "reused_from")
+                }
                 for j in state.jobs(run.id)
             ]
             out.append((r, jobs))

@@ -131,6 +131,14 @@ class Runner(ABC):
         """`poll_job` for several jobs (a remote runner answers in one round trip)."""
         return {j: self.poll_job(j) for j in job_ids}
 
+    def begin_pass(self, running: list[str]) -> None:  # noqa: B027 - optional hook
+        """The scheduler starts a pass over its jobs (`running`: those running here). A remote runner may
+        poll them all now (HostError: it does not answer), and keep starts and clean-ups until `end_pass`."""
+
+    def end_pass(self) -> dict[str, Exception]:
+        """The pass is over: do what was kept for its end. Returns the jobs that could not start, with why."""
+        return {}
+
     def log_path(self, job_id: str) -> Path | None:
         """The job's log as a file on this machine, or None where it must be mirrored with `read_log`."""
         return None

@@ -10,16 +10,19 @@ the orchestrator's log say so.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import posixpath
 import shlex
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from dstack.backends.base import Capacity, JobContext, JobState, Runner
+from dstack.errors import DstackError, HostError
 
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
@@ -32,6 +35,17 @@ if TYPE_CHECKING:
     from dstack.store.state import State
 
 log = logging.getLogger("dstack.backends.ssh")
+INLINE_BYTES = 64 * 1024  # a job's files that come to no more travel in its launch, not through the cache
+
+
+@dataclass
+class _Start:
+    """A job laid out here, to be launched on the host (at once, or with the rest of a scheduler pass)."""
+
+    ctx: JobContext
+    jd: str
+    placed: list[tuple[str, ManifestEntry]]
+    inline: bool = False  # its files go in the launch's tar (a few small ones: no cache to lay out from)
 
 
 class SSHRunner(Runner):
@@ -46,6 +60,18 @@ class SSHRunner(Runner):
         # why this host can't fetch from / upload to the bucket itself (found once per process)
         self._no_fetch: str | None = None
         self._no_put: str | None = None
+        # a scheduler pass (begin_pass .. end_pass): what one poll of all running jobs said, per job, and
+        # the starts and clean-ups sent together at its end
+        self._in_pass = False
+        self._pass_running = 0  # jobs running here as the pass began
+        self._pass_states: dict[str, JobState | HostError] = {}
+        self._starts: list[_Start] = []
+        self._cleanups: list[str] = []
+        # what is known of a job's files on the host: the sizes the pass's poll saw, how much it had printed
+        # when its launch ended (for the next read only), its first output
+        self._sizes: dict[str, dict[str, int]] = {}
+        self._launch_sizes: dict[str, int] = {}
+        self._heads: dict[str, bytes] = {}
 
     @classmethod
     def for_host(cls, host: Host, root: str | None = None) -> SSHRunner:
@@ -88,36 +114,47 @@ class SSHRunner(Runner):
         return probe(self.conn, self.root)
 
     def start_job(self, ctx: JobContext) -> None:
-        from dstack.ssh import direct, transfer
-
-        conn = self.conn
-        jd = self.job_dir(ctx.job_id)
+        """Lay out and launch the job; within a scheduler pass the launch goes with the pass's others."""
         entries = list(ctx.code.entries)
         if ctx.spec.repo_include is not None:
             from dstack.repo import _included
 
             entries = [e for e in entries if _included(e.path, ctx.spec.repo_include)]
+        from dstack.ssh import direct, transfer
+
         placed = transfer.place(entries, "work")
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
-        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in placed))
-        ship = transfer.ShipResult(len(placed))
-        s3 = direct.s3_store(ctx.store)
-        over_ssh, note = missing, ""
-        if s3 is not None:
-            over_ssh, note = self._fetch_from_bucket(
-                s3, {e.digest: e.size for _, e in placed if e.digest in missing}, ship
-            )
-        ship.objects_sent = len(over_ssh)
-        ship.bytes_sent = transfer.upload_objects(conn, self.root, over_ssh, ctx.store)
-        self.last_ship = ship
-        files = {
-            **self.job_files(ctx, jd, f"{self.root}/venvs", note),
-            "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
-            ".files": (transfer.materialize_records(placed), 0o600),
-            **self._launch_files(ctx, jd),
-        }
+        start = _Start(ctx, self.job_dir(ctx.job_id), placed)
+        start.inline = (
+            direct.s3_store(ctx.store) is None
+            and not any(e.is_symlink for _, e in placed)
+            and sum(e.size for _, e in placed) <= INLINE_BYTES
+        )
+        self._forget(ctx.job_id)
+        if not self._plain_launch():
+            self._start_one(start)
+        elif self._in_pass:
+            self._starts.append(start)
+        else:
+            failed = self._launch([start], first_output=True)
+            if ctx.job_id in failed:
+                raise failed[ctx.job_id]
+
+    def _plain_launch(self) -> bool:
+        """Whether jobs start as detached processes (a subclass that submits them differently starts each
+        on its own)."""
+        cls = type(self)
+        return cls._launch_command is SSHRunner._launch_command and cls._launched is SSHRunner._launched
+
+    def _start_one(self, start: _Start) -> None:
+        from dstack.ssh import transfer
+
+        ctx, jd, conn = start.ctx, start.jd, self.conn
+        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in start.placed))
+        _, note, _ = self._bring_objects(ctx, start.placed, missing)
+        files = self._job_dir_files(start, note)
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
         q = shlex.quote(jd)
         result = conn.run_with_writer(
@@ -127,6 +164,98 @@ class SSHRunner(Runner):
             lambda stdin: _write_tar(stdin, files),
         )
         self._launched(ctx, result.stdout)
+
+    def _job_dir_files(self, start: _Start, note: str) -> dict[str, tuple[bytes, int]]:
+        from dstack.ssh import transfer
+
+        ctx, jd = start.ctx, start.jd
+        files = {
+            **self.job_files(ctx, jd, f"{self.root}/venvs", note),
+            "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
+            ".files": (b"" if start.inline else transfer.materialize_records(start.placed), 0o600),
+            **self._launch_files(ctx, jd),
+        }
+        if start.inline:  # (paths checked by transfer.place; no symlinks among them to lead elsewhere)
+            for path, entry in start.placed:
+                files[path] = (ctx.store.get_bytes(entry.digest), entry.mode & 0o755)
+        return files
+
+    def _launch(
+        self, starts: list[_Start], cleanups: list[str] | None = None, first_output: bool = False
+    ) -> dict[str, Exception]:
+        """Lay out and launch the jobs (and remove the `cleanups` folders' work trees) in one remote command.
+
+        It is sent as if the host's cache held every input; where it lacks some, the command says so and
+        stops before laying anything out, those are brought, and it is sent again. `first_output`: a lone
+        job's launch brings back its first output. Returns the jobs that could not start, with why."""
+        from dstack.errors import RemoteCommandError
+        from dstack.ssh import direct, launch, transfer
+
+        ids = [st.ctx.job_id for st in starts]
+        notes = {}
+        for st in starts:
+            self.last_ship = transfer.ShipResult(len(st.placed))
+            if st.inline:
+                self.last_ship.bytes_sent = sum(e.size for _, e in st.placed)
+            if direct.s3_store(st.ctx.store) is not None:
+                notes[st.ctx.job_id] = f"dstack: inputs: all in {self.name}'s cache"
+        digests = sorted({e.digest for st in starts if not st.inline for _, e in st.placed})
+        out = ""
+        for attempt in (1, 2):
+            files: dict[str, tuple[bytes, int]] = {}
+            for st in starts:
+                for name, data in self._job_dir_files(st, notes.get(st.ctx.job_id, "")).items():
+                    files[f"{st.ctx.job_id}/{name}"] = data
+            if digests:
+                files[f"{starts[0].ctx.job_id}/.digests"] = ("\n".join(digests).encode() + b"\n", 0o600)
+            script = launch.launch_script(self.root, ids, cleanups or [], bool(digests), first_output)
+            out = self.conn.run_with_writer(script, functools.partial(_write_tar, files=files)).stdout
+            missing = launch.read_output(out).missing
+            if not missing:
+                break
+            if attempt == 2:
+                raise RemoteCommandError(
+                    self.name, "lay out jobs", 1, f"objects still missing: {sorted(missing)}"
+                )
+            cleanups = []
+            for st in starts:  # each job's log says how its own inputs arrived
+                own = missing & {e.digest for _, e in st.placed}
+                _, note, _ = self._bring_objects(st.ctx, st.placed, own)
+                missing -= own
+                if note:
+                    notes[st.ctx.job_id] = note
+        done = launch.read_output(out)
+        failed: dict[str, Exception] = {
+            job_id: RemoteCommandError(self.name, "lay out the job's files", 1, why)
+            for job_id, why in done.failed.items()
+        }
+        self._heads.update(done.heads)
+        for job_id in done.started:  # no log yet: nothing printed
+            self._launch_sizes[job_id] = done.sizes.get(job_id, 0)
+        for st in starts:
+            job_id = st.ctx.job_id
+            if job_id not in done.started and job_id not in failed:
+                failed[job_id] = HostError(f"{self.name}: the job's process did not start within 10s")
+        return failed
+
+    def _bring_objects(
+        self, ctx: JobContext, placed: list[tuple[str, ManifestEntry]], missing: set[str]
+    ) -> tuple[set[str], str, ShipResult]:
+        """Put what the host's cache lacks there (from the bucket, else over SSH): (sent over SSH, the job
+        log's note on how inputs arrived, what it cost)."""
+        from dstack.ssh import direct, transfer
+
+        ship = transfer.ShipResult(len(placed))
+        s3 = direct.s3_store(ctx.store)
+        over_ssh, note = missing, ""
+        if s3 is not None:
+            over_ssh, note = self._fetch_from_bucket(
+                s3, {e.digest: e.size for _, e in placed if e.digest in missing}, ship
+            )
+        ship.objects_sent = len(over_ssh)
+        ship.bytes_sent = transfer.upload_objects(self.conn, self.root, over_ssh, ctx.store)
+        self.last_ship = ship
+        return over_ssh, note, ship
 
     # how the laid-out job is started: detached here; a subclass submits it to a scheduler instead
 
@@ -181,9 +310,69 @@ class SSHRunner(Runner):
         log.info("%s", note.removeprefix("dstack: "))
         return set(failed), note
 
+    # a scheduler pass: one poll of every running job first, the starts and clean-ups sent together last
+
+    def begin_pass(self, running: list[str]) -> None:
+        """Poll the running jobs in one remote command: what each `poll_job` of this pass answers, with the
+        sizes of their logs (a log that has not grown is not read again). HostError if the host does not
+        answer (each job's `poll_job` then raises it too)."""
+        from dstack.errors import RemoteCommandError
+        from dstack.ssh import process
+
+        self._in_pass = True
+        self._pass_states, self._sizes, self._launch_sizes = {}, {}, {}
+        self._pass_running = len(running)
+        if not running or type(self).poll_job is not SSHRunner.poll_job:
+            return
+        try:
+            dirs = [self.job_dir(j) for j in running]
+            states = process.poll_many(self.conn, dirs, sizes=("log", "metrics"))
+        except RemoteCommandError:
+            return  # (each job's own poll says what is wrong)
+        except HostError as e:  # unreachable: each job's poll says so without asking the host again
+            self._pass_states = dict.fromkeys(running, e)
+            raise
+        for job_id, st in zip(running, states, strict=True):
+            self._pass_states[job_id] = JobState(st.status, exit_code=st.exit_code, reason=st.reason)
+            sizes = dict(st.sizes or {})
+            if st.status != "running":
+                sizes.pop("metrics", None)  # its sampler may add a last sample after the exit
+            self._sizes[job_id] = sizes
+
+    def end_pass(self) -> dict[str, Exception]:
+        """Send the pass's starts and clean-ups in one remote command; the jobs that could not start."""
+        starts, cleanups = self._starts, self._cleanups
+        self._starts, self._cleanups, self._in_pass = [], [], False
+        self._pass_states, self._sizes = {}, {}
+        idle, self._pass_running = not self._pass_running, 0
+        try:
+            if starts:  # a lone job on an idle host (`dstack run --host`) brings back its first output
+                return self._launch(starts, cleanups, idle and not cleanups and len(starts) == 1)
+            if cleanups:
+                dirs = " ".join(shlex.quote(f"{d}/work") for d in cleanups)
+                self.conn.run(f"rm -rf -- {dirs}", timeout=120)
+        except (DstackError, OSError) as e:  # OSError: e.g. no space left here for the job's files
+            if not starts:
+                log.warning("could not clean up %d jobs on %s: %s", len(cleanups), self.name, e)
+            return {st.ctx.job_id: e for st in starts}
+        return {}
+
+    def _forget(self, job_id: str) -> None:
+        self._sizes.pop(job_id, None)
+        self._launch_sizes.pop(job_id, None)
+        self._heads.pop(job_id, None)
+        self._pass_states.pop(job_id, None)
+
     def poll_job(self, job_id: str) -> JobState:
         from dstack.ssh import process
 
+        polled = self._pass_states.pop(job_id, None)
+        if isinstance(polled, HostError):
+            raise polled
+        if polled is not None:
+            return polled
+        self._sizes.pop(job_id, None)  # newer than what the pass or the launch saw of its files
+        self._launch_sizes.pop(job_id, None)
         state = process.poll(self.conn, self.job_dir(job_id))
         return JobState(state.status, exit_code=state.exit_code, reason=state.reason)
 
@@ -198,14 +387,26 @@ class SSHRunner(Runner):
         }
 
     def read_log(self, job_id: str, offset: int) -> bytes:
-        from dstack.ssh import process
-
-        return process.read_file(self.conn, f"{self.job_dir(job_id)}/log", offset)
+        head = self._heads.get(job_id)
+        if head is not None and offset < len(head):
+            return head[offset:] + self.read_log(job_id, len(head))  # what its launch brought back, and on
+        if offset >= self._launch_sizes.pop(job_id, offset + 1):
+            return b""  # no more than it had printed as its launch ended
+        return self._read(job_id, "log", offset)
 
     def read_metrics(self, job_id: str, offset: int) -> bytes:
+        return self._read(job_id, "metrics", offset)
+
+    def _read(self, job_id: str, name: str, offset: int) -> bytes:
+        """A file of the job's from `offset` on: none of it past what the pass's poll saw (so the read asks
+        for exactly that much, and a file that has not grown is not read)."""
         from dstack.ssh import process
 
-        return process.read_file(self.conn, f"{self.job_dir(job_id)}/metrics", offset)
+        known = self._sizes.get(job_id, {}).get(name)
+        if known is not None and offset >= known:
+            return b""
+        limit = process.MAX_LOG_CHUNK if known is None else min(process.MAX_LOG_CHUNK, known - offset)
+        return process.read_file(self.conn, f"{self.job_dir(job_id)}/{name}", offset, limit)
 
     def tcp_table(self) -> str:
         return self.conn.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || :", timeout=30).stdout
@@ -213,6 +414,9 @@ class SSHRunner(Runner):
     def stop_job(self, job_id: str) -> None:
         from dstack.ssh import process
 
+        self._starts = [st for st in self._starts if st.ctx.job_id != job_id]  # not launched after all
+        self._sizes.pop(job_id, None)
+        self._launch_sizes.pop(job_id, None)
         process.stop(self.conn, self.job_dir(job_id))
 
     def collect_artifacts(
@@ -257,6 +461,8 @@ class SSHRunner(Runner):
 
         notes = skip_notes(posixpath.basename(jd), skipped)
         if notes:
+            self._sizes.pop(posixpath.basename(jd), None)  # its log grows
+            self._launch_sizes.pop(posixpath.basename(jd), None)
             self.conn.run(f"cat >> {shlex.quote(jd)}/log", input=notes, timeout=30)
 
     def _put_to_bucket(
@@ -367,15 +573,43 @@ class SSHRunner(Runner):
         )
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
-        if not keep:
-            self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}/work", timeout=120)
+        """Remove the job's work tree (within a scheduler pass: with the pass's other remote work)."""
+        self._forget(job_id)
+        if keep:
+            return
+        if self._in_pass:
+            self._cleanups.append(self.job_dir(job_id))
+            return
+        self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}/work", timeout=120)
 
     def remove_job(self, job_id: str) -> None:
         """Delete the job's whole directory on the host (log and exit code included)."""
+        self._forget(job_id)
         self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}", timeout=120)
 
     def close(self) -> None:
         """Connections are pooled per process (dstack.ssh.connection.close_all closes them)."""
+
+
+def warm_up(name: str) -> None:
+    """Connect to host `name` (and learn its home folder) in the background, so a run pinned to it finds
+    the connection open once it is planned. Nothing for a runner that is not an SSH host; a failure shows
+    when the run uses the host."""
+    import threading
+
+    def connect() -> None:
+        from dstack.hosts import get, target_of
+        from dstack.ssh import connection
+        from dstack.store.state import open_state
+
+        try:
+            with open_state() as state:
+                target = target_of(get(state.db, name))
+            connection.warm_up(target, name)
+        except Exception:  # noqa: BLE001, S110 - the run itself reports it
+            pass
+
+    threading.Thread(target=connect, name=f"dstack-warm-{name}", daemon=True).start()
 
 
 def _objects(n: int) -> str:

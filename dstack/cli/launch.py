@@ -23,6 +23,10 @@ def launch(
     from dstack.store.state import open_state
     from dstack.sweeps import expand_grid
 
+    if host and host != "local":  # connect to it while the run is planned (either command line path)
+        from dstack.backends.ssh import warm_up
+
+        warm_up(host)
     if reproduce and workflow:
         args = [workflow, *args] if workflow else args
     grid = expand_grid(overrides)

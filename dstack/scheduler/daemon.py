@@ -202,7 +202,7 @@ def drive(state: State, run_id: str) -> None:
         if not state.beat(run_id, me):  # (its imports may have taken a while)
             return
         orch.resume()
-        started = beat = time.monotonic()
+        beat = time.monotonic()
         while True:
             try:
                 if orch.step():
@@ -216,13 +216,14 @@ def drive(state: State, run_id: str) -> None:
                 _log().warning("%s", e)
                 time.sleep(1)
                 continue
-            time.sleep(poll_interval(now - started))
+            time.sleep(poll_interval(time.monotonic() - orch.changed_at))
     finally:
         orch.close()
 
 
 def poll_interval(elapsed: float) -> float:
-    """How long to sleep between steps: short at first (a quick job ends within milliseconds), then 0.2 s."""
+    """How long to sleep between steps, `elapsed` seconds after a job last changed status: short at first (a
+    quick job ends within milliseconds, a sweep's next ones start), then 0.2 s."""
     if elapsed < 0.5:
         return 0.005
     return 0.02 if elapsed < 3 else 0.2

@@ -38,6 +38,36 @@ _BUF = 1 << 16
 AcceptKey = Callable[[str], bool]
 
 
+def import_paramiko() -> None:
+    """Import paramiko without the `invoke` package it loads up front for `Match exec` in ssh configs (a
+    third of its import time, on the way to a first connection): invoke is imported when such a line is."""
+    import sys
+
+    if "paramiko" in sys.modules:
+        return
+    blocked = "invoke" not in sys.modules
+    if blocked:
+        sys.modules["invoke"] = None  # type: ignore[assignment]  # `import invoke` raises ImportError
+    try:
+        import paramiko.config
+    finally:
+        if blocked and "invoke" in sys.modules and sys.modules["invoke"] is None:
+            del sys.modules["invoke"]
+    if blocked and getattr(paramiko.config, "invoke", False) is None:
+        paramiko.config.invoke = _LazyInvoke()  # type: ignore[attr-defined]
+
+
+class _LazyInvoke:
+    """Stands for the `invoke` module in paramiko.config until it is used."""
+
+    def __getattr__(self, name: str) -> Any:
+        import invoke
+        import paramiko.config
+
+        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
+        return getattr(invoke, name)
+
+
 def dstack_home() -> Path:
     """`$DSTACK_HOME`, or ~/.dstack."""
     return Path(os.environ.get("DSTACK_HOME") or os.path.expanduser("~/.dstack"))
@@ -71,6 +101,7 @@ _KNOWN_HOSTS_LOCK = threading.Lock()
 
 def pinned_key(target: SSHTarget) -> str | None:
     """The key pinned for the target's address, as `<keytype> <base64>`, or None."""
+    import_paramiko()
     import paramiko
 
     path = known_hosts_path()
@@ -156,6 +187,7 @@ class Connection:
         self._home: str | None = None
         self._channels = threading.BoundedSemaphore(MAX_CHANNELS)
         self._open_lock = threading.Lock()
+        self._home_lock = threading.Lock()  # one `$HOME` question when threads ask at once
         self.host_key: str | None = None  # `<keytype> <base64>` after connecting
         self.has_sftp: bool | None = None  # None: not tried yet
 
@@ -163,6 +195,7 @@ class Connection:
 
     def open(self, accept: AcceptKey | None = None) -> None:
         """Connect and authenticate; pin the host key the first time if `accept` says yes."""
+        import_paramiko()
         import paramiko
 
         _quiet_paramiko()
@@ -487,8 +520,9 @@ class Connection:
     @property
     def home(self) -> str:
         """The login user's home directory on the host."""
-        if self._home is None:
-            self._home = self.run('printf %s "$HOME"', timeout=30).stdout.strip()
+        with self._home_lock:
+            if self._home is None:
+                self._home = self.run('printf %s "$HOME"', timeout=30).stdout.strip()
         return self._home
 
 
@@ -581,12 +615,34 @@ def get_connection(
             if name:
                 conn.name = name
             return conn
+        failed = _WARM_FAILED.pop(target.key, None)
+        if failed is not None and time.monotonic() - failed[0] < CONNECT_TIMEOUT:
+            raise failed[1]
         if conn is not None:
             conn.close()
         conn = Connection(target, name)
         conn.open(accept)
         _POOL[target.key] = conn
         return conn
+
+
+_WARM_FAILED: dict[str, tuple[float, HostError]] = {}  # target -> (when, why): a warm-up that got no answer
+
+
+def warm_up(target: SSHTarget, name: str) -> None:
+    """Open the pooled connection to `target` and learn its home folder ahead of its use (in a background
+    thread). If the host does not answer, the next `get_connection` to it says so at once, rather than
+    waiting a second timeout."""
+    with _POOL_LOCK:  # (held until the failure is noted: a caller waiting for the connection sees it)
+        try:
+            conn = get_connection(target, name=name)
+        except HostError as e:
+            _WARM_FAILED[target.key] = (time.monotonic(), e)
+            return
+    try:
+        conn.home  # noqa: B018 - cached on the connection
+    except HostError:
+        pass
 
 
 def drop_connection(conn: Connection) -> None:

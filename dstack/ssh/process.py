@@ -24,6 +24,7 @@ class ProcessState:
     exit_code: int | None = None
     pid: int | None = None
     reason: str | None = None
+    sizes: dict[str, int] | None = None  # bytes in the files `poll_many` was asked about (missing: 0)
 
 
 def launch(conn: Connection, directory: str, script: str = "run.sh", wait_pid: float = 10.0) -> int:
@@ -60,14 +61,29 @@ _POLL_ONE = (
 )
 
 
-def poll_many(conn: Connection, directories: list[str]) -> list[ProcessState]:
-    """`poll` for several processes in one remote command (one line of output each)."""
+def poll_many(conn: Connection, directories: list[str], sizes: tuple[str, ...] = ()) -> list[ProcessState]:
+    """`poll` for several processes in one remote command (one line of output each); with `sizes`, also the
+    byte sizes of those files in each directory (measured after the state, so an exited one's are final)."""
     if not directories:
         return []
     args = " ".join(shlex.quote(d) for d in directories)
-    lines = conn.run(f"for d in {args}; do {_POLL_ONE}; done", timeout=POLL_TIMEOUT).stdout.splitlines()
+    command = f"for d in {args}; do {_POLL_ONE}; done"
+    paths = [f"{d}/{name}" for d in directories for name in sizes]
+    if paths:  # one `stat` for all: `=size path` lines (those that are missing say nothing)
+        command += f"; stat -c '=%s %n' -- {' '.join(shlex.quote(p) for p in paths)} 2>/dev/null; exit 0"
+    out = conn.run(command, timeout=POLL_TIMEOUT).stdout.splitlines()
+    lines = [line for line in out if not line.startswith("=")]
     lines += [""] * (len(directories) - len(lines))
-    return [_state(line.split(), d) for line, d in zip(lines, directories, strict=False)]
+    states = [_state(line.split(), d) for line, d in zip(lines, directories, strict=False)]
+    if paths:
+        found = {}
+        for line in out:
+            size, _, path = line[1:].partition(" ")
+            if line.startswith("=") and size.isdigit():
+                found[path] = int(size)
+        for state, d in zip(states, directories, strict=True):
+            state.sizes = {name: found.get(f"{d}/{name}", 0) for name in sizes}
+    return states
 
 
 def _state(words: list[str], directory: str) -> ProcessState:
