@@ -92,15 +92,16 @@ class SSHRunner(Runner):
 
         conn = self.conn
         jd = self.job_dir(ctx.job_id)
-        entries = list(ctx.code.entries)
-        if ctx.spec.repo_include is not None:
-            from dstack.repo import _included
+        from dstack.backends import checkout
+        from dstack.repo import working_tree
 
-            entries = [e for e in entries if _included(e.path, ctx.spec.repo_include)]
-        placed = transfer.place(entries, "work")
+        code = working_tree(ctx.code, ctx.working_subdir, ctx.spec.repo_include)  # what the key covers
+        tree = transfer.place(code.entries)  # under work/: a spare tree brought up to date, or laid out
+        deps: list[tuple[str, ManifestEntry]] = []
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
-            placed += transfer.place(dep.manifest.entries, base)
+            deps += transfer.place(dep.manifest.entries, base)
+        placed = [*tree, *deps]
         missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in placed))
         ship = transfer.ShipResult(len(placed))
         s3 = direct.s3_store(ctx.store)
@@ -115,14 +116,17 @@ class SSHRunner(Runner):
         files = {
             **self.job_files(ctx, jd, f"{self.root}/venvs", note),
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
-            ".files": (transfer.materialize_records(placed), 0o600),
+            ".files": (transfer.materialize_records(tree), 0o600),
+            ".deps": (transfer.materialize_records(deps), 0o600),
             **self._launch_files(ctx, jd),
         }
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
         q = shlex.quote(jd)
+        pool = f"{self.root}/checkouts/{checkout.pool_name(ctx.repo, ctx.spec.repo_include)}"
         result = conn.run_with_writer(
             f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && "
-            f"{transfer.materialize_command(self.root, jd)} < {q}/.files && rm -f {q}/.files && "
+            f"{checkout.remote_checkout(self.root, jd, pool)} < {q}/.files && "
+            f"{transfer.materialize_command(self.root, jd)} < {q}/.deps && rm -f {q}/.files {q}/.deps && "
             f"{self._launch_command(ctx, jd)}",
             lambda stdin: _write_tar(stdin, files),
         )
@@ -367,8 +371,10 @@ class SSHRunner(Runner):
         )
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
-        if not keep:
-            self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}/work", timeout=120)
+        if not keep:  # its work/ becomes a spare tree for the next job of the repo, or goes
+            from dstack.backends.checkout import remote_recycle
+
+            self.conn.run(remote_recycle(self.job_dir(job_id), job_id), timeout=120)
 
     def remove_job(self, job_id: str) -> None:
         """Delete the job's whole directory on the host (log and exit code included)."""
