@@ -258,9 +258,7 @@ def working_tree(files: Manifest, working_subdir: str, include: list[str] | None
         return files
     prefix = "" if working_subdir in ("", ".") else working_subdir.strip("/") + "/"
     kept = [
-        e
-        for e in files.entries
-        if e.path.startswith(prefix) and is_included(e.path[len(prefix) :], include)
+        e for e in files.entries if e.path.startswith(prefix) and is_included(e.path[len(prefix) :], include)
     ]
     return _manifest()(entries=kept)
 

@@ -59,7 +59,12 @@ def test_the_same_tree_on_every_runner(
     repo = tree_repo(make_repo, python_image)
     add_host(sshd_factory.loopback(env={"DOCKER_HOST": os.environ["DOCKER_HOST"]}), repo, "box")
     seen = {}
-    for workflow, host in [("tree", "local"), ("tree-image", "local"), ("tree", "box"), ("tree-image", "box")]:
+    for workflow, host in [
+        ("tree", "local"),
+        ("tree-image", "local"),
+        ("tree", "box"),
+        ("tree-image", "box"),
+    ]:
         out = dstack("run", workflow, "--host", host, "--force", cwd=repo, timeout=120).out
         seen[f"{workflow} on {host}"] = (listing(out), out.splitlines()[-1])
     assert all(v == (EXPECTED, "dirty") for v in seen.values()), seen
