@@ -14,7 +14,6 @@ import os
 import shutil
 import stat
 import sys
-import uuid
 
 MAX_SPARES = 4  # spare trees kept per repo and include list
 RECORD = (
@@ -115,7 +114,7 @@ def recycle(job_dir: str, job_id: str) -> bool:
     os.makedirs(pool, exist_ok=True)
     if sum(1 for n in os.listdir(pool) if os.path.isdir(os.path.join(pool, n))) >= MAX_SPARES:
         return False
-    name = uuid.uuid4().hex
+    name = os.urandom(16).hex()
     try:
         os.replace(os.path.join(job_dir, RECORD), os.path.join(pool, name + ".json"))
         os.replace(work, os.path.join(pool, name))
@@ -168,7 +167,12 @@ def lay_out(objects: str, work: str, want: Want) -> None:
 
 def main(argv: list[str]) -> None:
     """On a host: `checkout OBJECTS POOL JOB_DIR` (records `<digest> <octal mode> <path>\\0` on stdin) lays
-    out JOB_DIR/work from a spare or the cache; `recycle JOB_DIR JOB_ID` hands it back."""
+    out JOB_DIR/work from a spare or the cache; `recycle JOB_DIR JOB_ID` hands it back; `missing OBJECTS`
+    prints which digests on stdin the cache lacks."""
+    if argv[0] == "missing":  # the digests on stdin that the object cache lacks
+        lacks = [d for d in sys.stdin.read().split() if not os.path.exists(os.path.join(argv[1], d))]
+        sys.stdout.write("".join(d + "\n" for d in lacks))
+        return
     if argv[0] == "recycle":
         if not recycle(argv[1], argv[2]):
             shutil.rmtree(os.path.join(argv[1], "work"), ignore_errors=True)
@@ -203,7 +207,7 @@ def _stat_row(st: os.stat_result) -> list[int]:
 def _write_json(path: str, data: object) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+        f.write(json.dumps(data, separators=(",", ":")))  # json.dump encodes in Python: far slower
     os.replace(tmp, path)
 
 

@@ -96,13 +96,13 @@ class SSHRunner(Runner):
         from dstack.repo import working_tree
 
         code = working_tree(ctx.code, ctx.working_subdir, ctx.spec.repo_include)  # what the key covers
-        tree = transfer.place(code.entries)  # under work/: a spare tree brought up to date, or laid out
+        tree = checkout.place_tree(code.entries)  # under work/: a spare brought up to date, or laid out
         deps: list[tuple[str, ManifestEntry]] = []
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
             deps += transfer.place(dep.manifest.entries, base)
         placed = [*tree, *deps]
-        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in placed))
+        missing = checkout.missing_objects(conn, self.root, (e.digest for _, e in placed))
         ship = transfer.ShipResult(len(placed))
         s3 = direct.s3_store(ctx.store)
         over_ssh, note = missing, ""
