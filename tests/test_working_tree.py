@@ -147,3 +147,27 @@ def test_a_job_that_overwrites_a_tracked_file_changes_nothing_else(
     (repo / "data.txt").write_text("second\n")
     git(repo, "commit", "-qam", "second")
     assert dstack("run", "show", *run, cwd=repo).out.splitlines()[0] == "second"
+
+
+def test_one_matcher_for_key_and_tree() -> None:
+    """The globs' meaning, pinned: relative to the project folder, `*` crosses `/`, `**/` may match no
+    folder, a folder includes what is under it, `[]` is no file; the key covers exactly the tree."""
+    from dstack.graph import filter_code
+    from dstack.repo import working_tree
+    from dstack.store.objects import Manifest, ManifestEntry
+
+    paths = ["p/a.py", "p/src/b.py", "p/src/deep/c.py", "p/docs/x.cfg", "p/README.md", "top.py", "q/src/d.py"]
+    files = Manifest(entries=[ManifestEntry(path=p, digest="0" * 64, size=1, mode=0o644) for p in paths])
+
+    def picked(include: list[str] | None) -> list[str]:
+        tree = [e.path for e in working_tree(files, "p", include).entries]
+        assert [e.path for e in filter_code(files, "p", include).entries] == tree
+        return tree
+
+    assert picked(None) == paths
+    assert picked([]) == []
+    assert picked(["**/*.py"]) == ["p/a.py", "p/src/b.py", "p/src/deep/c.py"]
+    assert picked(["*.py"]) == ["p/a.py", "p/src/b.py", "p/src/deep/c.py"]
+    assert picked(["./src", "*.cfg"]) == ["p/src/b.py", "p/src/deep/c.py", "p/docs/x.cfg"]
+    assert picked(["src/**"]) == ["p/src/b.py", "p/src/deep/c.py"]
+    assert picked(["README.MD"]) == []  # case-sensitive
