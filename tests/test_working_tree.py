@@ -171,3 +171,28 @@ def test_one_matcher_for_key_and_tree() -> None:
     assert picked(["./src", "*.cfg"]) == ["p/src/b.py", "p/src/deep/c.py", "p/docs/x.cfg"]
     assert picked(["src/**"]) == ["p/src/b.py", "p/src/deep/c.py"]
     assert picked(["README.MD"]) == []  # case-sensitive
+
+
+STRAY = """\
+workflows:
+  - name: leaves-a-process
+    commands: ["(sleep 1.5; echo late > data.txt) > /dev/null 2>&1 &"]
+  - name: show
+    commands: ["sleep 3", "cat data.txt"]
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_a_tree_whose_job_left_a_process_is_not_reused(
+    make_repo, where: str, request: pytest.FixtureRequest
+) -> None:
+    """Its process may still write there: the next job must not get that tree."""
+    repo = make_repo({".dstack/workflows.yaml": STRAY, "data.txt": "original\n"})
+    host = "local"
+    if where == "ssh":
+        request.getfixturevalue("ssh_pool")
+        add_host(request.getfixturevalue("sshd"), repo, "box")
+        host = "box"
+    dstack("run", "show", "--host", host, cwd=repo)  # a tree for the repo's pool
+    dstack("run", "leaves-a-process", "--host", host, cwd=repo)
+    assert dstack("run", "show", "--host", host, "--force", cwd=repo).out.splitlines() == ["original"]

@@ -58,7 +58,7 @@ def checkout_copy(
             materialize(missing, store, work)
             kept.update(spare.stat_rows(top, {e.path: want[e.path] for e in missing}))
         except Exception:  # a tree the job left in a state we can't mend: a fresh copy instead
-            shutil.rmtree(work, ignore_errors=True)
+            spare.discard(top)
             kept = None
     if kept is None:
         key = hashlib.sha256(repo.encode()).hexdigest()[:16]

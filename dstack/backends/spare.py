@@ -141,6 +141,16 @@ def job_lives(job_id: str) -> bool:
     return False
 
 
+def discard(work: str) -> None:
+    """Remove a tree that can't be trusted (moved aside first: what can't be deleted stays out of `work`)."""
+    aside = f"{work}.discarded-{os.urandom(8).hex()}"
+    try:
+        os.replace(work, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def lay_out(objects: str, work: str, want: Want) -> None:
     """Write `want`'s files under `work` from the object cache `objects` (copies; never outside `work`)."""
     base = os.path.realpath(work)
@@ -191,7 +201,7 @@ def main(argv: list[str]) -> None:
         try:
             kept = sweep(work, want, had)
         except OSError:  # a tree the job left in a state we can't mend: laid out afresh
-            shutil.rmtree(work, ignore_errors=True)
+            discard(work)
             kept = {}
     missing = {p: w for p, w in want.items() if p not in kept}
     lay_out(objects, work, missing)
