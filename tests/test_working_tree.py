@@ -20,6 +20,12 @@ LIST = "find . -type f | sort; cat src/a.py"
 EXPECTED = ["./app.cfg", "./docs/x.cfg", "./src/a.py", "./src/new.py", "./src/pkg/b.py"]
 
 
+@pytest.fixture(autouse=True)
+def reuse_even_small_trees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trees under 1,000 files are copied anew for each job; these tests' small ones are kept and reused."""
+    monkeypatch.setenv("DSTACK_SPARE_MIN_FILES", "1")
+
+
 def tree_repo(make_repo, image: str | None) -> Path:
     workflows = "workflows:\n"
     for name, img in (("tree", None), ("tree-image", image)):

@@ -49,7 +49,8 @@ def checkout_copy(
     pool = os.fspath(base / pool_name(repo, include))
     want = {e.path: (e.digest, e.mode) for e in files.entries}
     top = os.fspath(work)
-    had = spare.take(pool, top)
+    reuse = reuses_trees(files)
+    had = spare.take(pool, top) if reuse else None
     kept: spare.Rows | None = None
     if had is not None:
         try:
@@ -68,11 +69,21 @@ def checkout_copy(
             copied = _copy(base / key, work, None if include is None else sorted(want))
         if not copied:  # no GNU cp here: from the store, file by file
             materialize(list(files.entries), store, work)
+        if not reuse:
+            return
         kept = spare.stat_rows(top, want)
     spare.hand_out(os.fspath(work.parent), pool, kept)
 
 
+def reuses_trees(files: Manifest) -> bool:
+    """Whether a tree of `files` is worth keeping for the next job (a small one is quicker to copy anew
+    than to check file by file, and its job's end then costs one `rm -rf`)."""
+    least = os.environ.get("DSTACK_SPARE_MIN_FILES", "")  # tests and benchmarks set their own
+    return len(files.entries) >= (int(least) if least.isdigit() else SPARE_MIN_FILES)
+
+
 HAS_PYTHON = "command -v python3 >/dev/null 2>&1"
+SPARE_MIN_FILES = 1000  # trees with fewer files are copied anew for each job and removed after it
 MANY_DIGESTS = 500  # from here on the host's python3 checks the cache (a shell loop takes ~40 µs each)
 
 

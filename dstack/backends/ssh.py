@@ -123,9 +123,14 @@ class SSHRunner(Runner):
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
         q = shlex.quote(jd)
         pool = f"{self.root}/checkouts/{checkout.pool_name(ctx.repo, ctx.spec.repo_include)}"
+        lay_out = (
+            checkout.remote_checkout(self.root, jd, pool)
+            if checkout.reuses_trees(code)
+            else transfer.materialize_command(self.root, f"{jd}/work")
+        )
         result = conn.run_with_writer(
             f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && "
-            f"{checkout.remote_checkout(self.root, jd, pool)} < {q}/.files && "
+            f"{lay_out} < {q}/.files && "
             f"{transfer.materialize_command(self.root, jd)} < {q}/.deps && rm -f {q}/.files {q}/.deps && "
             f"{self._launch_command(ctx, jd)}",
             lambda stdin: _write_tar(stdin, files),
