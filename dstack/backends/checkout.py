@@ -107,18 +107,19 @@ def missing_objects(conn: Connection, root: str, digests: Iterable[str]) -> set[
     return set(out)
 
 
-def place_tree(entries: Iterable[ManifestEntry]) -> list[tuple[str, ManifestEntry]]:
-    """`dstack.ssh.transfer.place(entries)`, at string speed for the plain paths a repo state is made of."""
+def place_tree(entries: Iterable[ManifestEntry], under: str = "") -> list[tuple[str, ManifestEntry]]:
+    """`dstack.ssh.transfer.place(entries, under)`, at string speed for the plain paths of a repo state."""
     from dstack.ssh import transfer
 
+    prefix = f"{under}/" if under else ""
     placed = []
     for e in entries:
         path = e.path
         parts = path.split("/")
         if "\\" in path or "\0" in path or "" in parts or "." in parts or ".." in parts:
-            placed += transfer.place([e])  # refused there, or made plain
+            placed += transfer.place([e], under)  # refused there, or made plain
         else:
-            placed.append((path, e))
+            placed.append((prefix + path, e))
     return placed
 
 

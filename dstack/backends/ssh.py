@@ -88,15 +88,15 @@ class SSHRunner(Runner):
         return probe(self.conn, self.root)
 
     def start_job(self, ctx: JobContext) -> None:
+        from dstack.backends import checkout
+        from dstack.repo import working_tree
         from dstack.ssh import direct, transfer
 
         conn = self.conn
         jd = self.job_dir(ctx.job_id)
-        from dstack.backends import checkout
-        from dstack.repo import working_tree
-
         code = working_tree(ctx.code, ctx.working_subdir, ctx.spec.repo_include)  # what the key covers
-        tree = checkout.place_tree(code.entries)  # under work/: a spare brought up to date, or laid out
+        reuse = checkout.reuses_trees(code)  # a big tree: a spare one brought up to date by diff
+        tree = checkout.place_tree(code.entries, "" if reuse else "work")
         deps: list[tuple[str, ManifestEntry]] = []
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
@@ -113,26 +113,26 @@ class SSHRunner(Runner):
         ship.objects_sent = len(over_ssh)
         ship.bytes_sent = transfer.upload_objects(conn, self.root, over_ssh, ctx.store)
         self.last_ship = ship
+        q = shlex.quote(jd)
+        records = {".files": (transfer.materialize_records(placed), 0o600)}
+        lay_out = f"{transfer.materialize_command(self.root, jd)} < {q}/.files"
+        if reuse:
+            pool = f"{self.root}/checkouts/{checkout.pool_name(ctx.repo, ctx.spec.repo_include)}"
+            records = {".files": (transfer.materialize_records(tree), 0o600)}
+            lay_out = f"{checkout.remote_checkout(self.root, jd, pool)} < {q}/.files"
+            if deps:
+                records[".deps"] = (transfer.materialize_records(deps), 0o600)
+                lay_out += f" && {transfer.materialize_command(self.root, jd)} < {q}/.deps"
         files = {
             **self.job_files(ctx, jd, f"{self.root}/venvs", note),
             "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
-            ".files": (transfer.materialize_records(tree), 0o600),
-            ".deps": (transfer.materialize_records(deps), 0o600),
+            **records,
             **self._launch_files(ctx, jd),
         }
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
-        q = shlex.quote(jd)
-        pool = f"{self.root}/checkouts/{checkout.pool_name(ctx.repo, ctx.spec.repo_include)}"
-        lay_out = (
-            checkout.remote_checkout(self.root, jd, pool)
-            if checkout.reuses_trees(code)
-            else transfer.materialize_command(self.root, f"{jd}/work")
-        )
         result = conn.run_with_writer(
-            f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && "
-            f"{lay_out} < {q}/.files && "
-            f"{transfer.materialize_command(self.root, jd)} < {q}/.deps && rm -f {q}/.files {q}/.deps && "
-            f"{self._launch_command(ctx, jd)}",
+            f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && {lay_out} && "
+            f"rm -f {q}/.files {q}/.deps && {self._launch_command(ctx, jd)}",
             lambda stdin: _write_tar(stdin, files),
         )
         self._launched(ctx, result.stdout)
