@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -196,18 +195,11 @@ def resolve_tag(state: State, dep: DependencySpec, workflow: str) -> TagInput:
 
 
 def filter_code(files: Manifest, working_subdir: str, include: list[str] | None) -> Manifest:
-    """The repo files a job depends on: all, or those matching `depends-on: repo: include:` globs."""
-    from dstack.store.objects import Manifest
+    """The repo files a job depends on: all, or those matching `depends-on: repo: include:` globs (the
+    same files every runner puts in the job's working tree: dstack.repo.working_tree)."""
+    from dstack.repo import working_tree
 
-    if not include:
-        return files
-    prefix = "" if working_subdir in ("", ".") else working_subdir.rstrip("/") + "/"
-    kept = []
-    for entry in files.entries:
-        rel = entry.path[len(prefix) :] if prefix and entry.path.startswith(prefix) else entry.path
-        if any(fnmatch.fnmatch(rel, g) or rel.startswith(g.rstrip("/") + "/") for g in include):
-            kept.append(entry)
-    return Manifest(entries=kept)
+    return working_tree(files, working_subdir, include)
 
 
 def compute_keys(
@@ -220,7 +212,7 @@ def compute_keys(
     all_files = files_digest or files.digest()
     for node in nodes:
         include = node.spec.repo_include
-        code_digest = filter_code(files, working_subdir, include).digest() if include else all_files
+        code_digest = all_files if include is None else filter_code(files, working_subdir, include).digest()
         material = {
             "workflow": node.workflow,
             "spec": node.spec.key_material(),

@@ -237,7 +237,11 @@ def _working_subdir(project_root: Path, repo_root: Path) -> str:
 
 
 def is_included(path: str, patterns: list[str]) -> bool:
-    """Whether a repo path matches one of the `include` globs (a directory includes what is under it)."""
+    """Whether `path` (relative to the project folder) matches one of the `include` globs.
+
+    The one matcher of `repo: include` (the job's key, every runner's working tree, triggers, watch):
+    fnmatch-style and case-sensitive, `*` crosses `/`, `**/` also matches no folder, and a folder
+    includes what is under it."""
     for pattern in patterns:
         pattern = pattern.strip().removeprefix("./")
         if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern.rstrip("/") + "/"):
@@ -247,21 +251,26 @@ def is_included(path: str, patterns: list[str]) -> bool:
     return False
 
 
+def working_tree(files: Manifest, working_subdir: str, include: list[str] | None) -> Manifest:
+    """The repo files a job's working tree holds and its key covers: all of `files` (paths relative to the
+    repo root), or with `include` those whose path relative to the project folder matches a glob."""
+    if include is None:
+        return files
+    prefix = "" if working_subdir in ("", ".") else working_subdir.strip("/") + "/"
+    kept = [
+        e for e in files.entries if e.path.startswith(prefix) and is_included(e.path[len(prefix) :], include)
+    ]
+    return _manifest()(entries=kept)
+
+
 def checkout_files(
     files: Manifest, store: ObjectStore, target: Path, include: list[str] | None = None
 ) -> None:
-    """Write a repo snapshot's files into a job's working dir as copies (jobs may change them).
-
-    `include`: glob patterns (a directory includes what is under it); files already there with the
-    right content are kept.
-    """
+    """Write a repo snapshot's files (those matching `include`, if given) into a job's working dir as
+    copies (jobs may change them); files already there with the right content are kept."""
     from dstack.artifacts import materialize
 
-    entries = files.entries if include is None else [e for e in files.entries if is_included(e.path, include)]
-    materialize(list(entries), store, target)
-
-
-_included = is_included  # the name dstack.backends.ssh imports
+    materialize(list(working_tree(files, ".", include).entries), store, target)
 
 
 @dataclass

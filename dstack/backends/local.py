@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from dstack.backends.base import Capacity, GpuInfo, JobContext, JobState, Runner
 from dstack.scheduler.daemon import process_alive
 
+RECORD = "checkout.json"  # how work/ was handed out (dstack.backends.spare.RECORD)
+
 if TYPE_CHECKING:
     from dstack.specs import JobSpec
     from dstack.store.objects import Manifest, ObjectStore
@@ -93,7 +95,7 @@ class LocalRunner(Runner):
 
     def start_job(self, ctx: JobContext) -> None:
         from dstack.artifacts import restore_artifacts
-        from dstack.repo import checkout_files
+        from dstack.repo import checkout_files, working_tree
 
         if ctx.spec.image:
             from dstack.backends.docker import check_local_image
@@ -101,13 +103,17 @@ class LocalRunner(Runner):
             check_local_image(ctx.spec.image)  # a missing image fails the job at once, with how to load it
         jd = self.job_dir(ctx.job_id)
         work = jd / "work"
+        remove_tree(work)  # an earlier attempt's
+        (jd / RECORD).unlink(missing_ok=True)
+        include = ctx.spec.repo_include
+        files = working_tree(ctx.code, ctx.working_subdir, include)  # the files the job's key covers
         if ctx.repo:
             from dstack.backends.checkout import checkout_copy
 
-            checkout_copy(ctx.code, ctx.store, work, ctx.repo)
+            checkout_copy(ctx.code, files, ctx.store, work, ctx.repo, include)
         else:
             work.mkdir(parents=True, exist_ok=True)
-            checkout_files(ctx.code, ctx.store, work)
+            checkout_files(files, ctx.store, work)
         project = work / ctx.working_subdir
         base = project / ctx.spec.working_dir
         for dep in ctx.dependencies:
@@ -210,9 +216,17 @@ class LocalRunner(Runner):
         return result.manifest, result.missing
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
-        (self.job_dir(job_id) / "env.sh").unlink(missing_ok=True)
-        if not keep:
-            remove_tree(self.job_dir(job_id) / "work")
+        jd = self.job_dir(job_id)
+        (jd / "env.sh").unlink(missing_ok=True)
+        if keep:
+            return
+        if (jd / RECORD).exists():
+            from dstack.backends import spare
+
+            if spare.recycle(os.fspath(jd), job_id):  # the next job of the repo gets it, updated by diff
+                return
+        (jd / RECORD).unlink(missing_ok=True)
+        remove_tree(jd / "work")
 
 
 def stop_process_group(pid: int, grace: float = 5.0) -> None:

@@ -114,15 +114,18 @@ class SSHRunner(Runner):
         return probe(self.conn, self.root)
 
     def start_job(self, ctx: JobContext) -> None:
-        """Lay out and launch the job; within a scheduler pass the launch goes with the pass's others."""
-        entries = list(ctx.code.entries)
-        if ctx.spec.repo_include is not None:
-            from dstack.repo import _included
-
-            entries = [e for e in entries if _included(e.path, ctx.spec.repo_include)]
+        """Lay out and launch the job; within a scheduler pass the launch goes with the pass's others (a
+        big tree, laid out from a spare one by diff, starts on its own)."""
+        from dstack.backends import checkout
+        from dstack.repo import working_tree
         from dstack.ssh import direct, transfer
 
-        placed = transfer.place(entries, "work")
+        code = working_tree(ctx.code, ctx.working_subdir, ctx.spec.repo_include)  # what the key covers
+        self._forget(ctx.job_id)
+        if checkout.reuses_trees(code):
+            self._start_reusing(ctx, code)
+            return
+        placed = checkout.place_tree(code.entries, "work")
         base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
         for dep in ctx.dependencies:
             placed += transfer.place(dep.manifest.entries, base)
@@ -132,7 +135,6 @@ class SSHRunner(Runner):
             and not any(e.is_symlink for _, e in placed)
             and sum(e.size for _, e in placed) <= INLINE_BYTES
         )
-        self._forget(ctx.job_id)
         if not self._plain_launch():
             self._start_one(start)
         elif self._in_pass:
@@ -142,6 +144,40 @@ class SSHRunner(Runner):
             if ctx.job_id in failed:
                 raise failed[ctx.job_id]
 
+    def _start_reusing(self, ctx: JobContext, code: Manifest) -> None:
+        """Start a job of a big tree: a spare tree of its repo brought up to date by diff (dstack.backends.
+        spare), its dependencies' artifacts from the cache, then the launch, in one remote command."""
+        from dstack.backends import checkout
+        from dstack.ssh import transfer
+
+        conn, jd = self.conn, self.job_dir(ctx.job_id)
+        tree = checkout.place_tree(code.entries)
+        deps: list[tuple[str, ManifestEntry]] = []
+        base = posixpath.normpath(posixpath.join("work", ctx.working_subdir, ctx.spec.working_dir))
+        for dep in ctx.dependencies:
+            deps += transfer.place(dep.manifest.entries, base)
+        missing = checkout.missing_objects(conn, self.root, (e.digest for _, e in [*tree, *deps]))
+        _, note, _ = self._bring_objects(ctx, [*tree, *deps], missing)
+        q = shlex.quote(jd)
+        pool = f"{self.root}/checkouts/{checkout.pool_name(ctx.repo, ctx.spec.repo_include)}"
+        records = {".files": (transfer.materialize_records(tree), 0o600)}
+        lay_out = f"{checkout.remote_checkout(self.root, jd, pool)} < {q}/.files"
+        if deps:
+            records[".deps"] = (transfer.materialize_records(deps), 0o600)
+            lay_out += f" && {transfer.materialize_command(self.root, jd)} < {q}/.deps"
+        files = {
+            **self.job_files(ctx, jd, f"{self.root}/venvs", note),
+            "working_subdir": (ctx.working_subdir.encode() + b"\n", 0o644),
+            **records,
+            **self._launch_files(ctx, jd),
+        }
+        result = conn.run_with_writer(
+            f"rm -rf {q}/work && mkdir -p {q} && tar -x -f - -C {q} && {lay_out} && "
+            f"rm -f {q}/.files {q}/.deps && {self._launch_command(ctx, jd)}",
+            lambda stdin: _write_tar(stdin, files),
+        )
+        self._launched(ctx, result.stdout)
+
     def _plain_launch(self) -> bool:
         """Whether jobs start as detached processes (a subclass that submits them differently starts each
         on its own)."""
@@ -149,10 +185,11 @@ class SSHRunner(Runner):
         return cls._launch_command is SSHRunner._launch_command and cls._launched is SSHRunner._launched
 
     def _start_one(self, start: _Start) -> None:
+        from dstack.backends import checkout
         from dstack.ssh import transfer
 
         ctx, jd, conn = start.ctx, start.jd, self.conn
-        missing = transfer.missing_objects(conn, self.root, (e.digest for _, e in start.placed))
+        missing = checkout.missing_objects(conn, self.root, (e.digest for _, e in start.placed))
         _, note, _ = self._bring_objects(ctx, start.placed, missing)
         files = self._job_dir_files(start, note)
         # one command lays out the job: scripts, code and dependency artifacts from the cache, then starts it
@@ -573,14 +610,17 @@ class SSHRunner(Runner):
         )
 
     def cleanup_job(self, job_id: str, keep: bool = False) -> None:
-        """Remove the job's work tree (within a scheduler pass: with the pass's other remote work)."""
+        """Hand the job's work tree back as a spare for its repo's next job, or remove it (within a scheduler
+        pass: with the pass's other remote work)."""
         self._forget(job_id)
         if keep:
             return
         if self._in_pass:
             self._cleanups.append(self.job_dir(job_id))
             return
-        self.conn.run(f"rm -rf {shlex.quote(self.job_dir(job_id))}/work", timeout=120)
+        from dstack.backends.checkout import remote_recycle
+
+        self.conn.run(remote_recycle(self.job_dir(job_id), job_id), timeout=120)
 
     def remove_job(self, job_id: str) -> None:
         """Delete the job's whole directory on the host (log and exit code included)."""

@@ -41,8 +41,10 @@ def launch_script(
     ids = " ".join(shlex.quote(j) for j in job_ids)
     objects = shlex.quote(f"{root}/objects")
     lines = [f"J={shlex.quote(f'{root}/jobs')}; O={objects}", 'mkdir -p "$J" "$O" && cd "$J" || exit 1']
-    if cleanups:
-        lines.append(f"rm -rf -- {' '.join(shlex.quote(d + '/work') for d in cleanups)} 2>/dev/null")
+    if cleanups:  # each work tree handed back as a spare for its repo's next job, or removed
+        from dstack.backends.checkout import recycle_many
+
+        lines.append(recycle_many(cleanups))
     old = " ".join(shlex.quote(f"{j}/{name}") for j in job_ids for name in LEFTOVERS)
     lines += [f"rm -rf -- {old} && mkdir -p -- {ids} && tar -x -f - || exit 1"]
     if check:
