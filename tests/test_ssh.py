@@ -333,8 +333,8 @@ def test_one_connection_serves_many_threads(sshd: SSHServer) -> None:
 
 
 def test_commands_that_end_before_their_input_keep_the_connection(sshd: SSHServer) -> None:
-    """OpenSSH drops the whole connection on an EOF for a channel it already freed: a command that exits
-    before it reads its input, or at once with none, must never make dstack send one."""
+    """OpenSSH drops the whole connection on DATA or EOF for a channel it already freed: a command that exits
+    before it reads its input, or at once with none, must never make dstack send either after its CLOSE."""
     from concurrent.futures import ThreadPoolExecutor
 
     conn = connect(sshd, accept=yes())

@@ -199,6 +199,9 @@ class Connection:
         import paramiko
 
         _quiet_paramiko()
+        from dstack.ssh.ordering import install
+
+        install()  # a channel's DATA and EOF never follow its CLOSE
         target = self.target
         sock: Any = None
         if target.proxy_jump:
@@ -380,7 +383,11 @@ class Connection:
             try:
                 chan.exec_command(_bash(command, stdin=bool(data)))
                 if data:
-                    chan.sendall(data)
+                    try:
+                        chan.sendall(data)
+                    except OSError:  # the channel closed: did the command end before reading it all?
+                        if not chan.status_event.wait(5):
+                            raise
                     end_input(chan)
                 deadline = time.monotonic() + timeout
                 while True:
@@ -556,17 +563,11 @@ def _bash(command: str, stdin: bool = True) -> str:
 
 
 def end_input(chan: paramiko.Channel) -> None:
-    """Send EOF on a channel unless the other end closed it already.
+    """Send EOF on a channel unless the other end closed it already (dstack.ssh.ordering keeps it, and our
+    data, ahead of our CLOSE: OpenSSH drops the whole connection for either after it)."""
+    from dstack.ssh.ordering import end_input as ordered_end_input
 
-    paramiko's `shutdown_write` sends EOF even after the remote CLOSE was answered; OpenSSH takes an EOF
-    for a channel it freed as a protocol error and drops the whole connection, every channel with it.
-    The check and the flag are taken under the channel's lock, as paramiko's close handling does."""
-    with chan.lock:
-        if chan.closed or chan.eof_sent:
-            return
-        message = chan._send_eof()  # type: ignore[attr-defined]
-    if message is not None and chan.transport is not None:
-        chan.transport._send_user_message(message)  # type: ignore[attr-defined]
+    ordered_end_input(chan)
 
 
 def _address(target: SSHTarget) -> str:
