@@ -339,6 +339,7 @@ def _spec(**resources: object):
 def test_sinfo_output_becomes_partitions_nodes_and_capacity() -> None:
     from dstack.backends.slurm_cluster import SlurmOptions, parse_cluster, parse_gres
     from dstack.scheduler.placement import reserve, shortfall
+    from dstack.store.reservation import Hold, Reservation
 
     assert parse_gres("gpu:a100:4(S:0-1),gpu:2,mps:100") == [("a100", 4), ("", 2)]
     cluster = parse_cluster(SINFO, SlurmOptions(), "alice@login")
@@ -351,7 +352,7 @@ def test_sinfo_output_becomes_partitions_nodes_and_capacity() -> None:
     assert shortfall(cap, _spec(gpu={"count": 8})) == "GPUs (8 asked, 4 there)"
     assert shortfall(cap, _spec(cpu=16, nodes=2)) is None  # both cpu nodes
     assert shortfall(cap, _spec(cpu=16, nodes=3)) == "nodes (3 asked, 2 that fit the job there)"  # not across
-    assert reserve(cap, [{"cpu": 1000}], _spec(cpu=32)) == {}  # Slurm queues it: nothing held here
+    assert reserve(cap, [Hold(cpu=1000)], _spec(cpu=32)) == Reservation()  # Slurm queues it: nothing held
     only_gpu = parse_cluster(SINFO, SlurmOptions(partition="gpu"), "alice@login")
     assert shortfall(only_gpu.capacity(), _spec(cpu=32)) == "CPUs (32 asked, 16 there)"
 

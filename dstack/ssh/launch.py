@@ -46,7 +46,9 @@ def launch_script(
 
         lines.append(recycle_many(cleanups))
     old = " ".join(shlex.quote(f"{j}/{name}") for j in job_ids for name in LEFTOVERS)
-    lines += [f"rm -rf -- {old} && mkdir -p -- {ids} && tar -x -f - || exit 1"]
+    # an earlier attempt's log is kept aside: the first output read below must be this attempt's own
+    earlier = f'for j in {ids}; do [ -e "$j/log" ] && mv -f "$j/log" "$j/log.earlier"; done; :'
+    lines += [earlier, f"rm -rf -- {old} && mkdir -p -- {ids} && tar -x -f - || exit 1"]
     if check:
         first = shlex.quote(job_ids[0])
         lines += [
