@@ -202,3 +202,15 @@ def test_a_tree_whose_job_left_a_process_is_not_reused(
     dstack("run", "show", "--host", host, cwd=repo)  # a tree for the repo's pool
     dstack("run", "leaves-a-process", "--host", host, cwd=repo)
     assert dstack("run", "show", "--host", host, "--force", cwd=repo).out.splitlines() == ["original"]
+
+
+def test_a_finished_jobs_tree_is_handed_back_on_an_ssh_host(make_repo, sshd: SSHServer, ssh_pool) -> None:
+    """The scheduler pass that cleans up after a job hands its tree back as a spare, never just removes it."""
+    repo = make_repo(
+        {".dstack/workflows.yaml": "workflows:\n  - name: hi\n    commands: [echo hi]\n", "data.txt": "x\n"}
+    )
+    add_host(sshd, repo, "box")
+    dstack("run", "hi", "--host", "box", cwd=repo)
+    root = sshd.dir / "home" / ".dstack"
+    assert not list(root.glob("jobs/*/work"))  # cleaned up
+    assert [p for p in root.glob("checkouts/*/*") if p.is_dir()]  # as a spare tree of the repo's pool

@@ -385,9 +385,10 @@ class SSHRunner(Runner):
         try:
             if starts:  # a lone job on an idle host (`dstack run --host`) brings back its first output
                 return self._launch(starts, cleanups, idle and not cleanups and len(starts) == 1)
-            if cleanups:
-                dirs = " ".join(shlex.quote(f"{d}/work") for d in cleanups)
-                self.conn.run(f"rm -rf -- {dirs}", timeout=120)
+            if cleanups:  # each work tree handed back as a spare for its repo's next job, or removed
+                from dstack.backends.checkout import recycle_many
+
+                self.conn.run(recycle_many(cleanups), timeout=120)
         except (DstackError, OSError) as e:  # OSError: e.g. no space left here for the job's files
             if not starts:
                 log.warning("could not clean up %d jobs on %s: %s", len(cleanups), self.name, e)
