@@ -246,7 +246,9 @@ def main():
     last = time.monotonic()
     out = open("metrics", "a")
     count = 0
-    wait = min(0.5, interval)  # the first samples come sooner (0.5, 1, 2 s…), so short jobs get some too
+    # the first samples come sooner (0.5, 1, 2 s… into the job), so short jobs get some too; run.sh starts
+    # the sampler 0.4 s in and says how long its first wait is
+    wait = float(sys.argv[2]) if len(sys.argv) > 2 else min(0.5, interval)
     while True:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
